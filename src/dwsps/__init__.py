@@ -1,0 +1,28 @@
+"""dwsps: distributed publish/subscribe over WebSockets."""
+
+from dwsps.config import ServerConfig
+from dwsps.errors import (
+    AckTimeout,
+    CloseCode,
+    ConnectionClosed,
+    DwspsError,
+    ErrorCode,
+    ProtocolError,
+    RequestError,
+)
+from dwsps.server import Server
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AckTimeout",
+    "CloseCode",
+    "ConnectionClosed",
+    "DwspsError",
+    "ErrorCode",
+    "ProtocolError",
+    "RequestError",
+    "Server",
+    "ServerConfig",
+    "__version__",
+]

@@ -1,0 +1,135 @@
+"""Error codes, close codes and the exception tree of dwsps.
+
+Wire errors are values (an ``error`` reply with a code); inside Python they
+are exceptions. Every code and close code the project uses is listed here::
+
+    DwspsError
+    ├── ProtocolError          the peer sent something invalid (server side)
+    ├── RequestError           the server answered a request with an error (client side)
+    │   └── ... one subclass per ErrorCode, see REQUEST_ERRORS
+    ├── AckTimeout             no reply to a request in time (client side)
+    └── ConnectionClosed       the connection is gone (client side)
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+
+
+class ErrorCode(StrEnum):
+    """Codes carried in the ``error`` field of an error reply."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_MESSAGE = "invalid_message"
+    UNKNOWN_TYPE = "unknown_type"
+    INVALID_TOPIC = "invalid_topic"
+    FORBIDDEN = "forbidden"
+    RATE_LIMITED = "rate_limited"
+    TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes the server sends, and what each one tells a client."""
+
+    NORMAL = 1000
+    """Normal closure."""
+    GOING_AWAY = 1001
+    """The server is shutting down; reconnecting elsewhere or later makes sense."""
+    PROTOCOL_ERROR = 1002
+    """The peer broke RFC 6455 framing."""
+    INVALID_TEXT = 1007
+    """A text frame was not valid UTF-8."""
+    POLICY_VIOLATION = 1008
+    """Authentication failed, or the client kept sending invalid input."""
+    MESSAGE_TOO_BIG = 1009
+    """A frame or message was larger than the configured maximum."""
+    INTERNAL_ERROR = 1011
+    """The server hit an unexpected condition."""
+    TRY_AGAIN_LATER = 1013
+    """Slow consumer: the connection's outbound buffer passed its limit."""
+
+
+class DwspsError(Exception):
+    """Base class of every dwsps exception."""
+
+
+class ProtocolError(DwspsError):
+    """A request could not be accepted; becomes an ``error`` reply on the wire."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        detail: str,
+        action: str | None = None,
+        request_id: str | int | None = None,
+    ) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+        self.action = action
+        self.request_id = request_id
+
+
+class RequestError(DwspsError):
+    """The server replied to a request with an ``error`` message."""
+
+    code: ErrorCode | str = ""
+
+    def __init__(self, code: ErrorCode | str, detail: str, reply: dict[str, object]) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+        self.reply = reply
+
+
+class InvalidJsonError(RequestError):
+    """The server could not parse the request as JSON."""
+
+
+class InvalidMessageError(RequestError):
+    """The request was not an object, or a field was missing or of the wrong type."""
+
+
+class UnknownTypeError(RequestError):
+    """The request's ``type`` is not one the server knows."""
+
+
+class InvalidTopicError(RequestError):
+    """The topic broke the topic rules."""
+
+
+class ForbiddenError(RequestError):
+    """The connection may not do this."""
+
+
+class RateLimitedError(RequestError):
+    """The connection sent requests too fast."""
+
+
+class TooManySubscriptionsError(RequestError):
+    """The connection holds as many subscriptions as it may."""
+
+
+REQUEST_ERRORS: dict[str, type[RequestError]] = {
+    ErrorCode.INVALID_JSON: InvalidJsonError,
+    ErrorCode.INVALID_MESSAGE: InvalidMessageError,
+    ErrorCode.UNKNOWN_TYPE: UnknownTypeError,
+    ErrorCode.INVALID_TOPIC: InvalidTopicError,
+    ErrorCode.FORBIDDEN: ForbiddenError,
+    ErrorCode.RATE_LIMITED: RateLimitedError,
+    ErrorCode.TOO_MANY_SUBSCRIPTIONS: TooManySubscriptionsError,
+}
+
+
+def request_error(code: str, detail: str, reply: dict[str, object]) -> RequestError:
+    """Build the typed exception for an error reply (unknown codes get the base class)."""
+    cls = REQUEST_ERRORS.get(code, RequestError)
+    return cls(code, detail, reply)
+
+
+class AckTimeout(DwspsError, TimeoutError):
+    """The server did not answer a request within the timeout."""
+
+
+class ConnectionClosed(DwspsError, ConnectionError):
+    """The connection closed before the request was answered."""

@@ -1,0 +1,222 @@
+"""Requests and replies: parse and validate at the edge, encode once (pure: no I/O).
+
+Parsing turns one text frame into a typed request or raises
+:class:`~dwsps.errors.ProtocolError` carrying the error code for the reply.
+Encoding builds reply bytes with orjson; a delivery is built so that the
+message body is encoded once and shared by every context it goes out under.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import orjson
+
+from dwsps.errors import ErrorCode, ProtocolError
+from dwsps.topics import DEFAULT_LIMITS, TopicError, TopicLimits, validate
+
+MAX_ID_LENGTH: Final = 64
+
+# ISO 8601 date-time as JavaScript's Date.toJSON() writes it, plus offsets and
+# any fraction length, which other publishers send.
+_TIMESTAMP = re.compile(
+    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:?\d{2})\Z"
+)
+
+RequestId = str | int
+
+
+@dataclass(slots=True)
+class Subscribe:
+    """A ``subscribe`` request."""
+
+    topic: str
+    id: RequestId | None = None
+
+
+@dataclass(slots=True)
+class Unsubscribe:
+    """An ``unsubscribe`` request."""
+
+    topic: str
+    id: RequestId | None = None
+
+
+@dataclass(slots=True)
+class Publish:
+    """A ``publish`` request, or a message moving between servers.
+
+    ``timestamp`` is the publisher's valid timestamp or ``None`` (the server
+    then stamps it on receipt). ``extra`` holds extension fields that peering
+    and the backplane read; plain clients never need them.
+    """
+
+    topic: str
+    message: Any
+    timestamp: str | None = None
+    id: RequestId | None = None
+    from_peer: bool = False
+    extra: dict[str, Any] | None = None
+
+
+Request = Subscribe | Unsubscribe | Publish
+
+_KNOWN_TYPES: Final = ("subscribe", "unsubscribe", "publish")
+
+
+def parse_request(data: bytes | str, limits: TopicLimits = DEFAULT_LIMITS) -> Request:
+    """Parse one text frame; raise ProtocolError (with action and id when known)."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(ErrorCode.INVALID_JSON, f"not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "a request must be a JSON object")
+    return request_from_object(obj, limits)
+
+
+def request_from_object(obj: dict[str, Any], limits: TopicLimits = DEFAULT_LIMITS) -> Request:
+    """Validate a decoded JSON object as a request."""
+    raw_id = obj.get("id")
+    req_id: RequestId | None = None
+    id_problem: str | None = None
+    if raw_id is not None:
+        if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
+            id_problem = "'id' must be a string or an integer"
+        elif len(str(raw_id)) > MAX_ID_LENGTH:
+            id_problem = f"'id' is longer than {MAX_ID_LENGTH} characters"
+        else:
+            req_id = raw_id
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        detail = "missing 'type'" if kind is None else "'type' must be a string"
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, detail, None, req_id)
+    if kind not in _KNOWN_TYPES:
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown type {kind[:64]!r}", kind[:64], req_id)
+    if id_problem is not None:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, id_problem, kind)
+    if "topic" not in obj:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "missing 'topic'", kind, req_id)
+    try:
+        topic = validate(obj["topic"], subscription=kind != "publish", limits=limits)
+    except TopicError as exc:
+        code = ErrorCode.INVALID_TOPIC
+        if not isinstance(obj["topic"], str):
+            code = ErrorCode.INVALID_MESSAGE
+        raise ProtocolError(code, str(exc), kind, req_id) from None
+    if kind == "subscribe":
+        return Subscribe(topic, req_id)
+    if kind == "unsubscribe":
+        return Unsubscribe(topic, req_id)
+    ts = obj.get("timestamp")
+    timestamp = ts if isinstance(ts, str) and _TIMESTAMP.match(ts) else None
+    return Publish(
+        topic,
+        obj.get("message"),
+        timestamp,
+        req_id,
+        obj.get("fromPeerServer") is True,
+        _extensions(obj),
+    )
+
+
+# Extension fields a publish may carry between dwsps servers (see docs/protocol.md).
+EXTENSION_FIELDS: Final = ("origin", "seq", "via")
+
+
+def _extensions(obj: dict[str, Any]) -> dict[str, Any] | None:
+    found = {k: obj[k] for k in EXTENSION_FIELDS if k in obj}
+    return found or None
+
+
+class Clock:
+    """Server time in JavaScript ``Date.toJSON()`` form, formatted once per millisecond."""
+
+    __slots__ = ("_ms", "_text")
+
+    def __init__(self) -> None:
+        self._ms = -1
+        self._text = ""
+
+    def now(self) -> str:
+        """Current UTC time like ``2020-01-22T15:44:04.674Z``."""
+        ms = time.time_ns() // 1_000_000
+        if ms != self._ms:
+            self._ms = ms
+            dt = datetime.fromtimestamp(ms / 1000, UTC)
+            self._text = dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+        return self._text
+
+
+def encode_ack(action: str, topic: str, timestamp: str, req_id: RequestId | None) -> bytes:
+    """An ``ack`` reply."""
+    reply: dict[str, Any] = {
+        "type": "ack",
+        "action": action,
+        "timestamp": timestamp,
+        "topic": topic,
+    }
+    if req_id is not None:
+        reply["id"] = req_id
+    return orjson.dumps(reply)
+
+
+def encode_error(err: ProtocolError, timestamp: str) -> bytes:
+    """An ``error`` reply for a rejected request."""
+    reply: dict[str, Any] = {
+        "type": "error",
+        "timestamp": timestamp,
+        "error": str(err.code),
+        "detail": err.detail,
+    }
+    if err.action is not None:
+        reply["action"] = err.action
+    if err.request_id is not None:
+        reply["id"] = err.request_id
+    return orjson.dumps(reply)
+
+
+class DeliveryEncoder:
+    """Builds the delivery of one publish under any number of contexts.
+
+    The message, topic and timestamp are encoded once; each context costs one
+    small ``orjson.dumps`` and a concatenation.
+    """
+
+    __slots__ = ("_head", "_tail")
+
+    def __init__(
+        self,
+        topic: str,
+        message: Any,
+        timestamp: str,
+        from_peer: bool,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        dumps = orjson.dumps
+        self._head = (
+            b'{"type":"publish","timestamp":'
+            + dumps(timestamp)
+            + b',"topic":'
+            + dumps(topic)
+            + b',"context":'
+        )
+        tail = b',"message":' + dumps(message)
+        if from_peer:
+            tail += b',"fromPeerServer":true'
+        if extra:
+            tail += b"," + dumps(extra)[1:-1]
+        self._tail = tail + b"}"
+
+    def encode(self, context: str) -> bytes:
+        """The delivery JSON for one context."""
+        return self._head + orjson.dumps(context) + self._tail
+
+
+def encode_request(obj: dict[str, Any]) -> bytes:
+    """Encode a client request object (the client and peer links use this)."""
+    return orjson.dumps(obj)
