@@ -25,11 +25,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("dwsps.server")
 
 # Close codes by number, as picows wants them.
-_WS_CLOSE = {int(c): c for c in WSCloseCode}
+_WS_CLOSE: dict[int, WSCloseCode] = {c.value: c for c in WSCloseCode}
 _ABORT_AFTER_CLOSE = 1.0
 
 
-class Connection(WSListener):  # type: ignore[misc]
+class Connection(WSListener):
     """Server-side state of one WebSocket client.
 
     Kept small on purpose (``__slots__``, lazily created containers): idle

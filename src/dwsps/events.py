@@ -67,6 +67,4 @@ class Events:
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            self._log.error(
-                "async event handler raised", exc_info=task.exception()
-            )
+            self._log.error("async event handler raised", exc_info=task.exception())

@@ -23,9 +23,7 @@ MAX_ID_LENGTH: Final = 64
 
 # ISO 8601 date-time as JavaScript's Date.toJSON() writes it, plus offsets and
 # any fraction length, which other publishers send.
-_TIMESTAMP = re.compile(
-    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:?\d{2})\Z"
-)
+_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:?\d{2})\Z")
 
 RequestId = str | int
 
@@ -51,8 +49,10 @@ class Publish:
     """A ``publish`` request, or a message moving between servers.
 
     ``timestamp`` is the publisher's valid timestamp or ``None`` (the server
-    then stamps it on receipt). ``extra`` holds extension fields that peering
-    and the backplane read; plain clients never need them.
+    then stamps it on receipt). ``origin`` and ``seq`` (extensions) name the
+    server that first accepted the publish and its sequence number there; the
+    origin server assigns them, and servers use them to drop duplicates that
+    arrive twice (a peer link resend, or peering and a backplane together).
     """
 
     topic: str
@@ -60,7 +60,8 @@ class Publish:
     timestamp: str | None = None
     id: RequestId | None = None
     from_peer: bool = False
-    extra: dict[str, Any] | None = None
+    origin: str | None = None
+    seq: int | None = None
 
 
 Request = Subscribe | Unsubscribe | Publish
@@ -96,7 +97,9 @@ def request_from_object(obj: dict[str, Any], limits: TopicLimits = DEFAULT_LIMIT
         detail = "missing 'type'" if kind is None else "'type' must be a string"
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, detail, None, req_id)
     if kind not in _KNOWN_TYPES:
-        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown type {kind[:64]!r}", kind[:64], req_id)
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_TYPE, f"unknown type {kind[:64]!r}", kind[:64], req_id
+        )
     if id_problem is not None:
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, id_problem, kind)
     if "topic" not in obj:
@@ -114,23 +117,25 @@ def request_from_object(obj: dict[str, Any], limits: TopicLimits = DEFAULT_LIMIT
         return Unsubscribe(topic, req_id)
     ts = obj.get("timestamp")
     timestamp = ts if isinstance(ts, str) and _TIMESTAMP.match(ts) else None
+    origin = obj.get("origin")
+    seq = obj.get("seq")
+    if not (
+        isinstance(origin, str)
+        and 0 < len(origin) <= MAX_ID_LENGTH
+        and type(seq) is int
+        and seq >= 0
+    ):
+        # Both or neither: identity fields are only useful together.
+        origin, seq = None, None
     return Publish(
         topic,
         obj.get("message"),
         timestamp,
         req_id,
         obj.get("fromPeerServer") is True,
-        _extensions(obj),
+        origin,
+        seq,
     )
-
-
-# Extension fields a publish may carry between dwsps servers (see docs/protocol.md).
-EXTENSION_FIELDS: Final = ("origin", "seq", "via")
-
-
-def _extensions(obj: dict[str, Any]) -> dict[str, Any] | None:
-    found = {k: obj[k] for k in EXTENSION_FIELDS if k in obj}
-    return found or None
 
 
 class Clock:

@@ -30,6 +30,7 @@ from picows import (
 
 from dwsps.config import ServerConfig
 from dwsps.connection import Connection
+from dwsps.dedup import Deduplicator
 from dwsps.errors import CloseCode, ErrorCode, ProtocolError
 from dwsps.events import Events
 from dwsps.frames import text_frame
@@ -81,6 +82,7 @@ class ServerStats:
     slow_consumers: int = 0
     heartbeat_timeouts: int = 0
     invalid_closes: int = 0
+    duplicates_dropped: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
@@ -117,6 +119,8 @@ class Server:
         self._server: asyncio.base_events.Server | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._counter = 0
+        self._seq = 0
+        self.dedup = Deduplicator()
 
     # -- lifecycle --------------------------------------------------------
 
@@ -236,9 +240,20 @@ class Server:
         return self.route(Publish(topic, message, self.clock.now()), None)
 
     def route(self, pub: Publish, client_id: str | None) -> int:
-        """Deliver locally, then forward unless it came from a peer. Returns local deliveries."""
+        """Deliver locally, then forward unless it came from a peer. Returns local deliveries.
+
+        An organic publish is given this server's identity (``origin``, ``seq``);
+        one that carries an identity already seen is dropped (and counted).
+        """
         if pub.timestamp is None:
             pub.timestamp = self.clock.now()
+        if pub.origin is None:
+            if not pub.from_peer:
+                self._seq += 1
+                pub.origin, pub.seq = self.server_id, self._seq
+        elif pub.seq is not None and not self.dedup.first_time(pub.origin, pub.seq):
+            self.stats.duplicates_dropped += 1
+            return 0
         count = self.deliver(pub)
         if not pub.from_peer:
             for forwarder in self._forwarders:
@@ -302,9 +317,7 @@ class Server:
             else:
                 status, body, ctype = route()
                 if status == 200:
-                    response = WSUpgradeResponse.create_ok_response(
-                        body, {"Content-Type": ctype}
-                    )
+                    response = WSUpgradeResponse.create_ok_response(body, {"Content-Type": ctype})
                 else:
                     response = WSUpgradeResponse.create_error_response(
                         status, body, {"Content-Type": ctype}
@@ -327,9 +340,7 @@ class Server:
                 key, _, value = part.partition("=")
                 if key == "peer_token":
                     presented = value
-        return bool(presented) and any(
-            secrets.compare_digest(presented, token) for token in tokens
-        )
+        return bool(presented) and any(secrets.compare_digest(presented, token) for token in tokens)
 
     def _connected(self, conn: Connection) -> None:
         self.connections[conn.client_id] = conn

@@ -94,7 +94,7 @@ class _Node(Generic[S]):
 class SubscriptionTrie(Generic[S]):
     """Maps subscription topics to subscribers; finds the matches of a published topic."""
 
-    __slots__ = ("_root", "_count")
+    __slots__ = ("_count", "_root")
 
     def __init__(self) -> None:
         self._root: _Node[S] = _Node("")
