@@ -1,0 +1,117 @@
+"""Real ``dwsps serve`` processes for tests: started on port 0, always stopped.
+
+``dwsps serve --port 0`` prints ``dwsps listening on ws://HOST:PORT`` on stdout
+once it is accepting connections; :class:`ServerProcess` waits for that line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import sys
+from types import TracebackType
+
+_LISTENING = re.compile(rb"dwsps listening on (ws://\S+)")
+
+TIME_SCALE = float(os.environ.get("DWSPS_TEST_TIME_SCALE", "1"))
+
+
+class ServerProcess:
+    """A ``python -m dwsps serve`` subprocess.
+
+    >>> async with ServerProcess("--peer", url) as srv:   # doctest: +SKIP
+    ...     srv.url
+    """
+
+    def __init__(self, *args: str, port: int = 0, startup_timeout: float = 20.0) -> None:
+        self.args = ["serve", "--host", "127.0.0.1", "--port", str(port), *args]
+        self.startup_timeout = startup_timeout * TIME_SCALE
+        self.proc: asyncio.subprocess.Process | None = None
+        self.url = ""
+        self.output: list[bytes] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        """The port the server bound."""
+        return int(self.url.rsplit(":", 1)[1])
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def start(self) -> ServerProcess:
+        """Start the process and wait until it listens."""
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "dwsps",
+            *self.args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=env,
+        )
+        listening: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.create_task(self._read(listening))
+        try:
+            self.url = await asyncio.wait_for(listening, self.startup_timeout)
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def _read(self, listening: asyncio.Future[str]) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            self.output.append(line)
+            match = _LISTENING.search(line)
+            if match and not listening.done():
+                listening.set_result(match.group(1).decode())
+        if not listening.done():
+            listening.set_exception(
+                RuntimeError("dwsps serve exited:\n" + b"".join(self.output).decode(errors="replace"))
+            )
+
+    def kill(self) -> None:
+        """SIGKILL, for crash tests (``stop`` still reaps it)."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+
+    async def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), timeout)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._reader, 5)
+        return proc.returncode
+
+    def log(self) -> str:
+        """Everything the process printed so far."""
+        return b"".join(self.output).decode(errors="replace")
+
+    async def __aenter__(self) -> ServerProcess:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
