@@ -66,7 +66,8 @@ class ServerProcess:
         return self
 
     async def _read(self, listening: asyncio.Future[str]) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
+        assert self.proc is not None
+        assert self.proc.stdout is not None
         while line := await self.proc.stdout.readline():
             self.output.append(line)
             match = _LISTENING.search(line)
@@ -74,7 +75,9 @@ class ServerProcess:
                 listening.set_result(match.group(1).decode())
         if not listening.done():
             listening.set_exception(
-                RuntimeError("dwsps serve exited:\n" + b"".join(self.output).decode(errors="replace"))
+                RuntimeError(
+                    "dwsps serve exited:\n" + b"".join(self.output).decode(errors="replace")
+                )
             )
 
     def kill(self) -> None:

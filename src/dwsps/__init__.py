@@ -1,5 +1,6 @@
 """dwsps: distributed publish/subscribe over WebSockets."""
 
+from dwsps.client import Client, connect
 from dwsps.config import ServerConfig
 from dwsps.errors import (
     AckTimeout,
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AckTimeout",
+    "Client",
     "CloseCode",
     "ConnectionClosed",
     "DwspsError",
@@ -25,4 +27,5 @@ __all__ = [
     "Server",
     "ServerConfig",
     "__version__",
+    "connect",
 ]

@@ -1,0 +1,713 @@
+"""The asyncio dwsps client: awaitable acks, subscription handlers, reconnect + resubscribe.
+
+>>> async with dwsps.connect("ws://127.0.0.1:8000") as client:   # doctest: +SKIP
+...     await client.subscribe("news", lambda m: print(m["message"]))
+...     await client.publish("news.uk", "hello")
+...     async for delivery in client:
+...         print(delivery)
+
+Requests
+    Every request carries an integer ``id``; the server echoes it in the ack or
+    error reply, which resolves the awaiting call. A reply without an ``id``
+    (the original Node.js server does not echo it) is matched to the oldest
+    outstanding request with the same action and topic: replies come in
+    request order, so that pairing is exact.
+
+Deliveries
+    Each delivery goes, in this order, to the ``message`` event, to the handler
+    of the subscription named by its ``context`` (a ``news`` handler also gets
+    ``news.uk`` publishes; a client subscribed to ``news`` and ``news.uk``
+    receives a ``news.uk.x`` publish twice, once per handler), and to the
+    bounded queue read by ``async for``. When that queue is full the *oldest*
+    delivery is dropped and counted in :attr:`Client.dropped`: the reader must
+    never stall, because acks arrive on the same connection and a server closes
+    a client that stops reading (1013). ``queue_size=0`` turns the queue off
+    for applications that only use handlers.
+
+Reconnection
+    When the connection drops, the client reconnects with exponential backoff
+    and full jitter (``uniform(0, min(backoff_max, backoff_initial * 2**n))``),
+    re-subscribes every held subscription, then emits ``reconnect``. Requests
+    made meanwhile wait for the reconnection within their own timeout. An
+    in-flight subscribe or unsubscribe is sent again (both are idempotent); an
+    in-flight publish is not, because it may have been delivered already: it
+    raises :class:`ConnectionLost`. Close codes that reconnecting cannot cure
+    (1008 policy / authentication, 1002, 1003, 1007: this client broke a rule)
+    end the client for good instead of retrying against the same wall.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import random
+from collections import deque
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, TypeVar, overload
+
+import orjson
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+
+from dwsps.errors import (
+    AckTimeout,
+    CloseCode,
+    ConnectionClosed,
+    ErrorCode,
+    InvalidTopicError,
+    RequestError,
+    request_error,
+)
+from dwsps.events import Events
+from dwsps.messages import Clock, encode_request
+from dwsps.topics import TopicError, TopicLimits, validate
+
+log = logging.getLogger("dwsps.client")
+
+Message = dict[str, Any]
+"""A decoded server message (delivery, ack or error reply)."""
+
+Handler = Callable[[Message], Any]
+"""A subscription handler: called with each delivery; may be a coroutine function."""
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+CLIENT_EVENTS: Final = ("open", "message", "ack", "error", "disconnect", "close", "reconnect")
+
+NO_RECONNECT_CODES: Final = frozenset(
+    {
+        CloseCode.PROTOCOL_ERROR,
+        1003,  # unsupported data
+        CloseCode.INVALID_TEXT,
+        CloseCode.POLICY_VIOLATION,
+    }
+)
+"""Close codes after which the client does not reconnect: the server rejected
+this client itself (authentication, repeated bad input, broken framing), and
+the next connection would be rejected the same way."""
+
+# The server enforces its own (configurable) limits; the client only checks shape.
+_NO_LIMITS: Final = TopicLimits(max_length=1 << 30, max_levels=1 << 30)
+_MIB: Final = 1024 * 1024
+
+
+class ConnectionLost(ConnectionClosed):
+    """The connection dropped while a publish awaited its ack.
+
+    The publish may or may not have been delivered, so it is not sent again.
+    """
+
+
+class _Lost(Exception):
+    """Internal: the connection an attempt used went away (the attempt may retry)."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One request awaiting its reply."""
+
+    action: str
+    topic: str
+    future: asyncio.Future[Message]
+    on_ack: Callable[[], None] | None
+
+
+class Client:
+    """A dwsps client.
+
+    Use ``async with Client(url) as client`` (or :func:`connect`), or call
+    :meth:`connect` and :meth:`close` yourself.
+
+    :param url: ``ws://`` or ``wss://`` URL of a dwsps server.
+    :param request_timeout: seconds a request waits for its reply (including
+        time spent waiting for a reconnection); then :class:`AckTimeout`.
+    :param reconnect: reconnect after an unexpected drop.
+    :param backoff_initial: first reconnect delay bound, in seconds.
+    :param backoff_max: largest reconnect delay bound, in seconds.
+    :param max_reconnect_attempts: give up (close for good) after this many
+        failed attempts in a row; ``None`` retries until :meth:`close`.
+    :param queue_size: deliveries buffered for ``async for`` (oldest dropped
+        beyond it); 0 disables the queue.
+    :param open_timeout: seconds allowed for one connection attempt.
+    :param ping_interval: seconds between the client's own pings, which detect
+        a dead server; ``None`` disables them (the server pings us anyway).
+    :param ping_timeout: seconds to wait for the pong before dropping.
+    :param max_size: largest incoming message in bytes (``None``: no limit).
+    :param topic_limits: check topic length/levels client-side too (by
+        default only the shape is checked; the server enforces its limits).
+    :param websocket_options: passed on to :func:`websockets.asyncio.client.connect`
+        (e.g. ``additional_headers``, ``ssl``, ``proxy``).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        request_timeout: float = 10.0,
+        reconnect: bool = True,
+        backoff_initial: float = 0.1,
+        backoff_max: float = 10.0,
+        max_reconnect_attempts: int | None = None,
+        queue_size: int = 1024,
+        open_timeout: float = 10.0,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float | None = 20.0,
+        max_size: int | None = 16 * _MIB,
+        topic_limits: TopicLimits | None = None,
+        **websocket_options: Any,
+    ) -> None:
+        if request_timeout <= 0 or backoff_initial <= 0 or backoff_max < backoff_initial:
+            raise ValueError("timeouts and backoff bounds must be positive, initial <= max")
+        if queue_size < 0:
+            raise ValueError("queue_size must be >= 0")
+        self.url = url
+        self.request_timeout = request_timeout
+        self.reconnect = reconnect
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.max_reconnect_attempts = max_reconnect_attempts
+        self.events = Events(CLIENT_EVENTS, log)
+        self.dropped = 0
+        """Deliveries dropped from the full ``async for`` queue."""
+        self.close_code: int | None = None
+        """Why the client closed for good (1000 after :meth:`close`); None while usable."""
+        self.close_reason = ""
+        self._ws_options: dict[str, Any] = {
+            "open_timeout": open_timeout,
+            "ping_interval": ping_interval,
+            "ping_timeout": ping_timeout,
+            "max_size": max_size,
+            "close_timeout": 2.0,
+            # The server does not negotiate compression; skip the offer.
+            "compression": None,
+            **websocket_options,
+        }
+        self._limits = topic_limits or _NO_LIMITS
+        self._clock = Clock()
+        self._subscriptions: dict[str, Handler | None] = {}
+        self._inflight: dict[int, _Pending] = {}
+        self._next_id = 0
+        self._ws: ClientConnection | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._handler_tasks: set[asyncio.Task[Any]] = set()
+        # Set while a connection is usable, and (for good) once closed, so that
+        # waiting requests wake up either way and then check which it is.
+        self._ready = asyncio.Event()
+        self._started = False
+        self._closing = False
+        self._closed = False
+        self._closed_by_user = False
+        self._queue: deque[Message] | None = deque(maxlen=queue_size) if queue_size else None
+        self._queue_event = asyncio.Event()
+        self._closed_event = asyncio.Event()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "connected" if self.connected else "disconnected"
+        return f"<dwsps.Client {self.url} {state}>"
+
+    # -- state ------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is up and its subscriptions are in place."""
+        return self._ready.is_set() and not self._closed
+
+    @property
+    def closed(self) -> bool:
+        """Whether the client is closed for good (by :meth:`close` or a final drop)."""
+        return self._closed
+
+    @property
+    def subscriptions(self) -> tuple[str, ...]:
+        """The topics this client holds (acknowledged subscriptions)."""
+        return tuple(self._subscriptions)
+
+    @overload
+    def on(self, event: str, handler: F) -> F: ...
+    @overload
+    def on(self, event: str, handler: None = None) -> Callable[[F], F]: ...
+    def on(self, event: str, handler: F | None = None) -> F | Callable[[F], F]:
+        """Listen for an event; without ``handler``, return a decorator.
+
+        Events: ``open()`` (each WebSocket connection, reconnections included),
+        ``message(delivery)``, ``ack(reply)``, ``error(reply)``,
+        ``disconnect(code, reason)`` (each connection that ends),
+        ``reconnect()`` (reconnected and resubscribed) and ``close(code, reason)``
+        (once: the client is closed for good). Handlers may be sync or async.
+        """
+        result: F | Callable[[F], F] = self.events.on(event, handler)
+        return result
+
+    def off(self, event: str, handler: Callable[..., Any]) -> None:
+        """Remove an event handler."""
+        self.events.off(event, handler)
+
+    # -- lifecycle --------------------------------------------------------
+
+    async def connect(self) -> Client:
+        """Open the connection; raise :class:`ConnectionClosed` if that fails.
+
+        The first connection is not retried: a wrong URL should fail fast.
+        Reconnection applies once a connection has been established.
+        """
+        if self._closed or self._closing:
+            raise RuntimeError("this client is closed; make a new one")
+        if self._started:
+            raise RuntimeError("connect() was already called")
+        self._started = True
+        try:
+            ws = await self._open()
+        except BaseException:
+            self._started = False
+            raise
+        self._attach(ws)
+        self._ready.set()
+        return self
+
+    async def close(self) -> None:
+        """Close the connection (code 1000) and stop reconnecting; idempotent.
+
+        Outstanding requests raise :class:`ConnectionClosed`; ``async for``
+        ends once the deliveries already received are consumed.
+        """
+        if self._closed or self._closing:
+            await self._closed_event.wait()
+            return
+        self._closing = True
+        task = self._reconnect_task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        ws = self._ws
+        if ws is not None:
+            await ws.close()
+        reader = self._reader
+        if reader is not None and reader is not asyncio.current_task():
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        self._closed_by_user = True
+        self._finish(1000, "client closed")
+
+    async def wait_closed(self) -> None:
+        """Return once the client is closed for good (see :attr:`close_code`)."""
+        await self._closed_event.wait()
+
+    async def __aenter__(self) -> Client:
+        if not self._started:
+            await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- requests ---------------------------------------------------------
+
+    async def subscribe(self, topic: str, handler: Handler | None = None) -> Message:
+        """Subscribe to ``topic`` (a ``*`` level matches any one level); return the ack.
+
+        ``handler`` is called with every delivery whose ``context`` is
+        ``topic``. Subscribing again with a handler replaces it; without one
+        keeps the current handler. Raises :class:`~dwsps.errors.InvalidTopicError`
+        (before sending, for a malformed topic) or another
+        :class:`~dwsps.errors.RequestError` subclass, :class:`AckTimeout`,
+        :class:`ConnectionClosed`.
+        """
+        self._check_topic(topic, "subscribe")
+
+        def held() -> None:
+            # Runs in the reader as the ack arrives, before any delivery that follows it.
+            if handler is not None or topic not in self._subscriptions:
+                self._subscriptions[topic] = handler
+
+        return await self._request("subscribe", topic, None, held)
+
+    async def unsubscribe(self, topic: str) -> Message:
+        """Remove exactly the subscription ``topic`` (and its handler); return the ack."""
+        self._check_topic(topic, "unsubscribe")
+
+        def released() -> None:
+            self._subscriptions.pop(topic, None)
+
+        return await self._request("unsubscribe", topic, None, released)
+
+    async def publish(self, topic: str, message: Any = None) -> Message:
+        """Publish ``message`` (any JSON value) to ``topic``; return the ack.
+
+        Raises like :meth:`subscribe`, plus :class:`ConnectionLost` if the
+        connection dropped after the publish was sent but before its ack.
+        """
+        self._check_topic(topic, "publish")
+        return await self._request("publish", topic, message, None)
+
+    def _check_topic(self, topic: str, action: str) -> None:
+        try:
+            validate(topic, subscription=action != "publish", limits=self._limits)
+        except TopicError as exc:
+            # The same type the server's invalid_topic reply raises, so one
+            # except clause covers both; ``reply`` is built locally (no timestamp).
+            reply: Message = {
+                "type": "error",
+                "error": str(ErrorCode.INVALID_TOPIC),
+                "detail": str(exc),
+                "action": action,
+            }
+            raise InvalidTopicError(ErrorCode.INVALID_TOPIC, str(exc), reply) from None
+
+    async def _request(
+        self, action: str, topic: str, message: Any, on_ack: Callable[[], None] | None
+    ) -> Message:
+        if not self._started:
+            raise RuntimeError("call connect() (or use 'async with') before making requests")
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                while True:
+                    ws = await self._wait_ready()
+                    try:
+                        return await self._attempt(ws, action, topic, message, on_ack)
+                    except _Lost as lost:
+                        if action == "publish" and lost.args and lost.args[0] == "sent":
+                            raise ConnectionLost(
+                                f"connection lost before the publish to {topic!r} was"
+                                " acknowledged; it may or may not have been delivered"
+                            ) from None
+                        # Not sent, or idempotent: try again on the next connection.
+        except TimeoutError:
+            raise AckTimeout(
+                f"no reply to {action} {topic!r} within {self.request_timeout} s"
+            ) from None
+
+    async def _wait_ready(self) -> ClientConnection:
+        while True:
+            await self._ready.wait()
+            if self._closed or self._closing:
+                raise ConnectionClosed(self._closed_message())
+            if self._ws is not None:
+                return self._ws
+            await asyncio.sleep(0)  # pragma: no cover - ready set between swaps
+
+    async def _attempt(
+        self,
+        ws: ClientConnection,
+        action: str,
+        topic: str,
+        message: Any,
+        on_ack: Callable[[], None] | None,
+    ) -> Message:
+        """Send one request on ``ws`` and await its reply; raise _Lost if ``ws`` goes."""
+        if ws is not self._ws:
+            raise _Lost("unsent")
+        self._next_id += 1
+        req_id = self._next_id
+        request: Message = {"type": action, "topic": topic, "id": req_id}
+        if action == "publish":
+            request["message"] = message
+        request["timestamp"] = self._clock.now()
+        data = encode_request(request)  # TypeError here if message is not JSON-able
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._inflight[req_id] = _Pending(action, topic, future, on_ack)
+        try:
+            try:
+                await ws.send(data, text=True)
+            except websockets.ConnectionClosed:
+                # Never sent: wait for the reader to notice the drop, then retry.
+                with contextlib.suppress(_Lost):
+                    await future
+                raise _Lost("unsent") from None
+            try:
+                return await future
+            except _Lost:
+                raise _Lost("sent") from None
+        finally:
+            self._inflight.pop(req_id, None)
+
+    def _closed_message(self) -> str:
+        if self._closed_by_user or self._closing:
+            return "the client is closed"
+        return f"connection closed for good (code {self.close_code}: {self.close_reason})"
+
+    # -- async iteration --------------------------------------------------
+
+    def __aiter__(self) -> Client:
+        if self._queue is None:
+            raise RuntimeError("async iteration needs queue_size > 0")
+        return self
+
+    async def __anext__(self) -> Message:
+        """The next delivery; ends after :meth:`close`, raises ConnectionClosed after a
+        final drop (once the deliveries already received are consumed)."""
+        queue = self._queue
+        assert queue is not None
+        while not queue:
+            if self._closed:
+                if self._closed_by_user:
+                    raise StopAsyncIteration
+                raise ConnectionClosed(self._closed_message())
+            self._queue_event.clear()
+            await self._queue_event.wait()
+        return queue.popleft()
+
+    # -- connection management --------------------------------------------
+
+    async def _open(self) -> ClientConnection:
+        try:
+            return await ws_connect(self.url, **self._ws_options)
+        except (OSError, TimeoutError, websockets.WebSocketException) as exc:
+            raise ConnectionClosed(f"could not connect to {self.url}: {exc}") from exc
+
+    def _attach(self, ws: ClientConnection) -> None:
+        self._ws = ws
+        self._reader = asyncio.create_task(self._read_loop(ws), name=f"dwsps-client {self.url}")
+        self.events.emit("open")
+
+    async def _read_loop(self, ws: ClientConnection) -> None:
+        try:
+            while True:
+                data = await ws.recv(decode=False)
+                try:
+                    self._dispatch(data)
+                except Exception:  # a bug here must not kill the connection
+                    log.exception("error dispatching a server message")
+        except websockets.ConnectionClosed:
+            pass
+        except Exception:
+            log.exception("client reader failed")
+            ws.transport.abort()
+        with contextlib.suppress(Exception):
+            await ws.wait_closed()
+        self._lost(ws, ws.close_code or 1006, ws.close_reason or "")
+
+    def _dispatch(self, data: bytes) -> None:
+        try:
+            msg = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            log.warning("ignoring a message that is not JSON: %.80r", data)
+            return
+        if not isinstance(msg, dict):
+            log.warning("ignoring a message that is not an object: %.80r", data)
+            return
+        kind = msg.get("type")
+        if kind == "publish":
+            self._deliver(msg)
+        elif kind == "ack":
+            self.events.emit("ack", msg)
+            pending = self._take_pending(msg)
+            if pending is not None:
+                if pending.on_ack is not None:
+                    pending.on_ack()
+                pending.future.set_result(msg)
+        elif kind == "error":
+            self.events.emit("error", msg)
+            pending = self._take_pending(msg)
+            if pending is not None:
+                code = msg.get("error")
+                detail = msg.get("detail")
+                pending.future.set_exception(
+                    request_error(
+                        code if isinstance(code, str) else "unknown",
+                        detail if isinstance(detail, str) else "",
+                        msg,
+                    )
+                )
+        else:
+            log.debug("ignoring a message of type %r", kind)
+
+    def _take_pending(self, reply: Message) -> _Pending | None:
+        req_id = reply.get("id")
+        if isinstance(req_id, int) and not isinstance(req_id, bool):
+            pending = self._inflight.pop(req_id, None)
+        elif req_id is None:
+            pending = self._oldest_pending(reply.get("action"), reply.get("topic"))
+        else:
+            pending = None
+        if pending is None or pending.future.done():
+            return None
+        return pending
+
+    def _oldest_pending(self, action: object, topic: object) -> _Pending | None:
+        # Servers that do not echo ids reply in request order (dicts keep insertion order).
+        for req_id, pending in self._inflight.items():
+            if pending.action == action and (topic is None or pending.topic == topic):
+                del self._inflight[req_id]
+                return pending
+        return None
+
+    def _deliver(self, msg: Message) -> None:
+        self.events.emit("message", msg)
+        context = msg.get("context")
+        handler = self._subscriptions.get(context) if isinstance(context, str) else None
+        if handler is not None:
+            self._call(handler, msg)
+        queue = self._queue
+        if queue is not None:
+            if len(queue) == queue.maxlen:
+                if not self.dropped:
+                    log.warning(
+                        "delivery queue full (%d): dropping the oldest; iterate the client"
+                        " faster, or pass queue_size=0 if you only use handlers",
+                        queue.maxlen,
+                    )
+                self.dropped += 1
+            queue.append(msg)
+            self._queue_event.set()
+
+    def _call(self, handler: Handler, msg: Message) -> None:
+        try:
+            result = handler(msg)
+        except Exception:
+            log.exception("subscription handler %r raised", handler)
+            return
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(result)
+            self._handler_tasks.add(task)
+            task.add_done_callback(self._handler_done)
+
+    def _handler_done(self, task: asyncio.Task[Any]) -> None:
+        self._handler_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("async subscription handler raised", exc_info=task.exception())
+
+    def _lost(self, ws: ClientConnection, code: int, reason: str) -> None:
+        """The connection ``ws`` ended: fail its requests, then reconnect or finish."""
+        if ws is not self._ws:
+            return
+        self._ws = None
+        if not self._closed:
+            self._ready.clear()
+        for pending in list(self._inflight.values()):
+            if not pending.future.done():
+                pending.future.set_exception(
+                    ConnectionClosed("the client is closed") if self._closing else _Lost()
+                )
+        log.info("connection to %s closed: %s %s", self.url, code, reason)
+        self.events.emit("disconnect", code, reason)
+        if self._closing or self._closed:
+            return
+        if not self.reconnect:
+            self._finish(code, reason)
+        elif code in NO_RECONNECT_CODES:
+            log.warning("not reconnecting to %s after close code %s (%s)", self.url, code, reason)
+            self._finish(code, reason)
+        elif self._reconnect_task is None or self._reconnect_task.done():
+            self._reconnect_task = asyncio.create_task(self._reconnect_loop())
+
+    async def _reconnect_loop(self) -> None:
+        failures = 0
+        while not (self._closing or self._closed):
+            limit = self.max_reconnect_attempts
+            if limit is not None and failures >= limit:
+                log.warning("giving up on %s after %d reconnect attempts", self.url, failures)
+                self._finish(1006, f"gave up after {failures} reconnect attempts")
+                return
+            # Full jitter: spreads a crowd of clients over the whole window.
+            bound = min(self.backoff_max, self.backoff_initial * 2 ** min(failures, 32))
+            await asyncio.sleep(random.uniform(0, bound))
+            failures += 1
+            try:
+                ws = await self._open()
+            except ConnectionClosed as exc:
+                log.debug("reconnect attempt %d failed: %s", failures, exc)
+                continue
+            self._attach(ws)
+            try:
+                await self._resubscribe(ws)
+            except (_Lost, TimeoutError) as exc:
+                log.info("resubscribing on %s failed (%r); reconnecting", self.url, exc)
+                ws.transport.abort()
+                continue
+            except ConnectionClosed:
+                return  # closed for good meanwhile
+            if ws is not self._ws:  # dropped right after the last ack
+                continue
+            self._ready.set()
+            log.info("reconnected to %s", self.url)
+            self.events.emit("reconnect")
+            return
+
+    async def _resubscribe(self, ws: ClientConnection) -> None:
+        topics = list(self._subscriptions)
+        if not topics:
+            return
+        async with asyncio.timeout(self.request_timeout):
+            results = await asyncio.gather(
+                *(self._attempt(ws, "subscribe", t, None, None) for t in topics),
+                return_exceptions=True,
+            )
+        for topic, result in zip(topics, results, strict=True):
+            if isinstance(result, RequestError):
+                # The server will not hold it any more (e.g. a lower limit): say so, drop it.
+                log.warning("could not resubscribe to %r: %s", topic, result)
+                self._subscriptions.pop(topic, None)
+            elif isinstance(result, BaseException):
+                raise result
+
+    def _finish(self, code: int, reason: str) -> None:
+        """Close for good: wake every waiter with the news, emit ``close`` once."""
+        if self._closed:
+            return
+        self._closed = True
+        self.close_code = code
+        self.close_reason = reason
+        task = self._reconnect_task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+        message = self._closed_message()
+        for pending in list(self._inflight.values()):
+            if not pending.future.done():
+                pending.future.set_exception(ConnectionClosed(message))
+        self._inflight.clear()
+        self._ready.set()
+        self._queue_event.set()
+        self._closed_event.set()
+        self.events.emit("close", code, reason)
+
+
+class Connect:
+    """What :func:`connect` returns: ``await`` it, or use it with ``async with``."""
+
+    def __init__(self, url: str, **options: Any) -> None:
+        self.client = Client(url, **options)
+
+    def __await__(self) -> Generator[Any, None, Client]:
+        return self.client.connect().__await__()
+
+    async def __aenter__(self) -> Client:
+        return await self.client.connect()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.client.close()
+
+
+def connect(url: str, **options: Any) -> Connect:
+    """Connect a :class:`Client` to ``url``: ``async with dwsps.connect(url) as client:``
+    (closed on exit) or ``client = await dwsps.connect(url)``. ``options`` are
+    :class:`Client`'s keyword arguments."""
+    return Connect(url, **options)
+
+
+__all__ = [
+    "CLIENT_EVENTS",
+    "NO_RECONNECT_CODES",
+    "Client",
+    "Connect",
+    "ConnectionLost",
+    "Handler",
+    "Message",
+    "connect",
+]
