@@ -39,7 +39,8 @@ unit: setup
 test: setup system-deps node-deps lint types unit
 
 bench: setup
-	$(PY) bench/run.py
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) tests/interop/node_modules

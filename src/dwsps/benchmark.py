@@ -1,15 +1,191 @@
-"""``dwsps bench``: load scenarios against a running server (filled in by the benchmark work)."""
+"""``dwsps bench``: load scenarios against a running dwsps server.
+
+Like ``nats bench``: point it at a server, pick a scenario, read the table.
+The scenarios live in :mod:`dwsps.bench.scenarios`; this module is the
+command line, the table and the JSON file.
+
+The load comes from this one Python process. It parses and checks every
+delivery, which costs a few microseconds each, so it tops out at a few
+hundred thousand deliveries per second: far below what the server can send.
+``clientCpu`` near 1.0 means the client, not the server, set the figure. For
+the server's limit use the C load generator (see ``docs/benchmarks.md``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from dwsps.bench.scenarios import RUNNERS, SCENARIOS, Params
+
+_DEFAULT_SUBS = {"fanout": 100, "peered": 100, "latency": 100, "connections": 1000}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare the ``dwsps bench`` options on ``parser``."""
-    parser.add_argument("scenario", nargs="?", default="fanout")
+    parser.description = (
+        "Measure a running dwsps server. Every delivery is checked for loss and order. "
+        "One Python process cannot receive millions of frames per second: when "
+        "clientCpu is near 1.0 the client was the limit, not the server."
+    )
+    parser.add_argument("scenario", nargs="?", default="fanout", choices=SCENARIOS)
+    parser.add_argument("--url", default="ws://127.0.0.1:8000", help="server the subscribers use")
+    parser.add_argument(
+        "--pub-url", help="server the publisher uses (peered: server A; default --url)"
+    )
+    parser.add_argument(
+        "--subs",
+        type=int,
+        help="subscribers (connections: idle connections); default 100, connections 1000",
+    )
+    parser.add_argument(
+        "--topic", default="bench", help="subscription topic (publishes go to TOPIC.x)"
+    )
+    parser.add_argument("--payload", type=int, default=100, help="approx. message size in bytes")
+    parser.add_argument(
+        "--inflight", type=int, default=200, help="fanout: max publishes outstanding"
+    )
+    parser.add_argument(
+        "--flow",
+        choices=("e2e", "ack"),
+        default="e2e",
+        help="fanout: a publish completes when every subscriber has it (e2e) or on its ack",
+    )
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds measured")
+    parser.add_argument("--rate", type=float, default=500.0, help="latency: publishes per second")
+    parser.add_argument(
+        "--drain", type=float, default=5.0, help="max seconds to wait for stragglers"
+    )
+    parser.add_argument(
+        "--settle", type=float, default=1.0, help="connections: wait before reading RSS"
+    )
+    parser.add_argument("--concurrency", type=int, default=100, help="connections opened at once")
+    parser.add_argument(
+        "--server-pid",
+        default="",
+        help="PID[,PID] of the server(s): CPU use and memory from /proc (same host)",
+    )
+    parser.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def params_from_args(args: argparse.Namespace) -> Params:
+    """Turn parsed options into scenario :class:`Params`."""
+    scenario: str = args.scenario
+    if scenario == "peered" and not args.pub_url:
+        raise SystemExit("dwsps bench peered needs --pub-url (server A) and --url (its peer B)")
+    pids = [int(x) for x in str(args.server_pid).split(",") if x.strip()]
+    return Params(
+        scenario=scenario,
+        url=args.url,
+        pub_url=args.pub_url,
+        subs=args.subs if args.subs is not None else _DEFAULT_SUBS[scenario],
+        topic=args.topic,
+        payload=args.payload,
+        inflight=args.inflight,
+        flow=args.flow,
+        warmup=args.warmup,
+        duration=args.duration,
+        rate=args.rate,
+        drain=args.drain,
+        settle=args.settle,
+        concurrency=args.concurrency,
+        server_pids=pids,
+        progress=not args.quiet,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``dwsps bench``; return the process exit code."""
-    raise SystemExit("dwsps bench is not implemented yet")
+    """Run ``dwsps bench``; print the table; return 0, or 1 if anything was lost or reordered."""
+    params = params_from_args(args)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        result = asyncio.run(RUNNERS[params.scenario](params))
+    else:
+        result = uvloop.run(RUNNERS[params.scenario](params))
+    if args.json:
+        Path(args.json).write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
+    sys.stdout.write(format_table(result))
+    return 0 if is_clean(result) else 1
+
+
+def is_clean(result: dict[str, Any]) -> bool:
+    """No loss, reordering, closed subscriber or failed connection."""
+    keys = ("lost", "outOfOrder", "subsClosed", "subsFailed", "failed")
+    return not any(result.get(k) for k in keys)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3f}".rstrip("0").rstrip(".")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    if isinstance(value, list):
+        return ", ".join(_fmt(v) for v in value) or "-"
+    if value is None:
+        return "-"
+    return str(value)
+
+
+_ROWS: dict[str, list[tuple[str, str]]] = {
+    "fanout": [
+        ("deliveriesPerSec", "deliveries/s"),
+        ("publishesPerSec", "publishes/s"),
+        ("deliveriesPerPublish", "deliveries per publish"),
+        ("totalPublished", "published"),
+        ("totalDelivered", "delivered"),
+        ("drainStoppedBy", "drain"),
+    ],
+    "latency": [
+        ("achievedPublishRate", "publishes/s"),
+        ("p50ms", "p50 ms"),
+        ("p90ms", "p90 ms"),
+        ("p99ms", "p99 ms"),
+        ("maxms", "max ms"),
+        ("totalPublished", "published"),
+        ("totalDelivered", "delivered"),
+    ],
+    "connections": [
+        ("connections", "connections"),
+        ("kbPerConnection", "server KB per connection"),
+        ("serverRssBeforeKB", "server RSS before (KB)"),
+        ("serverRssAfterKB", "server RSS after (KB)"),
+        ("connectsPerSec", "connects/s"),
+        ("liveConnections", "passed the liveness check"),
+    ],
+}
+_COMMON = [
+    ("lost", "lost"),
+    ("outOfOrder", "out of order / repeated"),
+    ("subsClosed", "subscribers closed by server"),
+    ("serverCpu", "server CPU (cores)"),
+    ("clientCpu", "client CPU (cores)"),
+]
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The result as a two-column text table."""
+    scenario = result["scenario"]
+    rows = [("scenario", scenario), ("url", result["url"])]
+    if result.get("pubUrl") != result["url"]:
+        rows.append(("publisher url", result["pubUrl"]))
+    if scenario != "connections":
+        rows.append(("subscribers", _fmt(result.get("subscribers"))))
+    for key, label in _ROWS["fanout" if scenario == "peered" else scenario] + _COMMON:
+        if key in result:
+            rows.append((label, _fmt(result[key])))
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{label:<{width}}  {value}" for label, value in rows]
+    client = result.get("clientCpu")
+    if isinstance(client, float) and client >= 0.9:
+        lines.append("note: the client used a whole core; the server may be capable of more")
+    if not is_clean(result):
+        lines.append("LOSS OR DISORDER: see the JSON (errors, closeCodes, failureSample)")
+    return "\n".join(lines) + "\n"

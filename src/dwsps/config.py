@@ -43,7 +43,13 @@ class ServerConfig:
     close_timeout: float = 2.0
     """How long a graceful shutdown waits for clients to finish the close handshake."""
     peer_outbox_messages: int = 100_000
+    """Per peer link: publishes held until the peer confirms them (oldest dropped first)."""
     peer_outbox_bytes: int = 64 * MIB
+    """Per peer link: bytes held until the peer confirms them (oldest dropped first)."""
+    peer_reconnect_min: float = 0.1
+    """First reconnect delay of a peer link; doubles per failed attempt (with jitter)."""
+    peer_reconnect_max: float = 5.0
+    """Longest reconnect delay of a peer link."""
     backplane_buffer_messages: int = 100_000
     backplane_buffer_bytes: int = 64 * MIB
 

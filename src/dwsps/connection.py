@@ -1,9 +1,10 @@
 """One client connection on the server: frame assembly and the single write path.
 
-picows parses frames and handles the handshake, control-frame rules, frame
-size (close 1009) and automatic pongs. This module adds what RFC 6455 leaves
-to the application: reassembly of fragmented messages, UTF-8 checks (close
-1007) and the close handshake; and it owns the connection's only outbound
+picows parses frames and handles the handshake, control-frame rules and frame
+size (close 1009). This module adds what picows leaves to the application:
+RSV-bit checks (no extensions, so 1002), pongs, reassembly of fragmented
+messages, UTF-8 checks (close 1007), ignoring input once the connection has
+failed, and the close handshake; and it owns the connection's only outbound
 path, where writes are coalesced per event-loop turn and the slow-consumer
 decision is made.
 """
@@ -13,7 +14,16 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+from multidict import CIMultiDict, CIMultiDictProxy
+from picows import (
+    WSCloseCode,
+    WSFrame,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    WSUpgradeRequest,
+    WSUpgradeResponse,
+)
 
 from dwsps.errors import CloseCode
 
@@ -73,6 +83,11 @@ class Connection(WSListener):
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
         self.raw = transport.underlying_transport
+        # picows keeps the upgrade request and response for the connection's
+        # lifetime; their header dicts are ~0.6 KB that nothing reads after
+        # the handshake (the listener factory has seen the request already).
+        _drop_headers(transport.request)
+        _drop_headers(transport.response)
         self.server._connected(self)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
@@ -89,10 +104,23 @@ class Connection(WSListener):
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         msg_type = frame.msg_type
+        if self.closing or transport.is_close_frame_sent:
+            # Failed or closing (by us or by picows, e.g. after 1009): finish the
+            # close handshake and act on nothing else (RFC 6455 7.1.7).
+            if msg_type is WSMsgType.CLOSE:
+                self._on_close_frame(frame)
+            return
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            # No extension is negotiated, so reserved bits must be 0 (RFC 6455 5.2).
+            self.fail(CloseCode.PROTOCOL_ERROR, "reserved bits set without an extension")
+            return
         if msg_type is WSMsgType.TEXT and frame.fin and self.frag is None:
             self.server._request(self, frame.get_payload_as_bytes())
         elif msg_type is WSMsgType.PONG:
             self.awaiting_pong = False
+        elif msg_type is WSMsgType.PING:
+            # Answered here, not by picows, so that the RSV check above sees pings too.
+            transport.send_pong(frame.get_payload_as_bytes())
         elif msg_type is WSMsgType.CLOSE:
             self._on_close_frame(frame)
         else:
@@ -109,15 +137,15 @@ class Connection(WSListener):
             if len(self.frag) + frame.payload_size > self.server.config.max_frame_size:
                 self.fail(CloseCode.MESSAGE_TOO_BIG, "fragmented message too big")
                 return
-            if not self.frag_binary:
-                self.frag += frame.get_payload_as_memoryview()
+            # Binary fragments are kept too, only to bound the message's size.
+            self.frag += frame.get_payload_as_memoryview()
         elif msg_type in (WSMsgType.TEXT, WSMsgType.BINARY):
             if self.frag is not None:
                 self.fail(CloseCode.PROTOCOL_ERROR, "new message before the last one ended")
                 return
             self.frag_binary = msg_type is WSMsgType.BINARY
-            self.frag = bytearray() if self.frag_binary else bytearray(frame.get_payload_as_bytes())
-        else:  # PING is answered by picows; anything else is not ours to handle.
+            self.frag = bytearray(frame.get_payload_as_bytes())
+        else:  # picows passes no other opcodes
             return
         if not frame.fin:
             return
@@ -174,6 +202,12 @@ class Connection(WSListener):
         transport = self.transport
         if transport is None or self.closing:
             return
+        if code is not CloseCode.TRY_AGAIN_LATER:
+            # Replies already queued (e.g. the error for the request that broke
+            # the limit) go out before the close frame, in order.
+            self.flush()
+            if self.closing:  # the flush found a slow consumer
+                return
         self.closing = True
         self.pending = None
         transport.send_close(_WS_CLOSE[int(code)], reason.encode()[:120])
@@ -198,3 +232,12 @@ class Connection(WSListener):
         self.pending = None
         if self.raw is not None:
             self.raw.abort()
+
+
+# Read-only, so one instance can stand in for every connection's headers.
+_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+
+
+def _drop_headers(message: WSUpgradeRequest | WSUpgradeResponse | None) -> None:
+    if message is not None:
+        message.headers = _NO_HEADERS  # type: ignore[assignment]

@@ -115,8 +115,7 @@ def request_from_object(obj: dict[str, Any], limits: TopicLimits = DEFAULT_LIMIT
         return Subscribe(topic, req_id)
     if kind == "unsubscribe":
         return Unsubscribe(topic, req_id)
-    ts = obj.get("timestamp")
-    timestamp = ts if isinstance(ts, str) and _TIMESTAMP.match(ts) else None
+    timestamp = _valid_timestamp(obj.get("timestamp"))
     origin = obj.get("origin")
     seq = obj.get("seq")
     if not (
@@ -136,6 +135,18 @@ def request_from_object(obj: dict[str, Any], limits: TopicLimits = DEFAULT_LIMIT
         origin,
         seq,
     )
+
+
+def _valid_timestamp(ts: object) -> str | None:
+    """``ts`` if it is an ISO 8601 date-time that exists on the calendar, else None."""
+    if not isinstance(ts, str) or not _TIMESTAMP.match(ts):
+        return None
+    try:
+        # The pattern checks the shape; this rejects month 13, Feb 30, hour 25, ...
+        datetime.fromisoformat(ts)
+    except ValueError:
+        return None
+    return ts
 
 
 class Clock:

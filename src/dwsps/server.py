@@ -28,6 +28,7 @@ from picows import (
     ws_create_server,
 )
 
+from dwsps.backplane.link import BackplaneLink
 from dwsps.config import ServerConfig
 from dwsps.connection import Connection
 from dwsps.dedup import Deduplicator
@@ -44,9 +45,11 @@ from dwsps.messages import (
     encode_error,
     parse_request,
 )
+from dwsps.peering import PeerManager
 from dwsps.topics import SubscriptionTrie
 
 log = logging.getLogger("dwsps.server")
+_WS_LOG = logging.LoggerAdapter(logging.getLogger("picows.dwsps.ws"), {})
 
 SERVER_EVENTS = (
     "subscribe",
@@ -121,6 +124,8 @@ class Server:
         self._counter = 0
         self._seq = 0
         self.dedup = Deduplicator()
+        self._peering: PeerManager | None = None
+        self.backplane: BackplaneLink | None = None
 
     # -- lifecycle --------------------------------------------------------
 
@@ -134,13 +139,23 @@ class Server:
             max_frame_size=self.config.max_frame_size,
             websocket_handshake_timeout=self.config.handshake_timeout,
             enable_auto_ping=False,
-            enable_auto_pong=True,
+            enable_auto_pong=False,  # Connection answers pings (after its RSV check)
             read_buffer_init_size=2048,
-            logger_name="dwsps.ws",
+            # An adapter, not a name: given a Logger, picows makes a child
+            # Logger per connection (~0.5 KB each); an adapter is shared.
+            logger_name=_WS_LOG,
             use_aiofastnet=False,
         )
         if self.config.heartbeat_interval > 0:
             self._heartbeat = self._loop.create_task(self._heartbeat_loop())
+        if self.config.peers:
+            self._peering = PeerManager(self)
+            self.add_forwarder(self._peering)
+            self._peering.start()
+        # Created before the await: subscriptions made meanwhile are counted.
+        self.backplane = BackplaneLink.create(self)
+        if self.backplane is not None:
+            await self.backplane.start()
         log.info("dwsps server %s listening on %s", self.server_id, self.url)
 
     async def close(self) -> None:
@@ -149,6 +164,10 @@ class Server:
             return
         server, self._server = self._server, None
         server.close()
+        if self._peering is not None:
+            peering, self._peering = self._peering, None
+            self._forwarders.remove(peering)
+            await peering.close(self.config.close_timeout / 2)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -174,6 +193,9 @@ class Server:
                     conn.abort()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(server.wait_closed(), 1.0)
+        if self.backplane is not None:
+            backplane, self.backplane = self.backplane, None
+            await backplane.close()
 
     async def __aenter__(self) -> Server:
         await self.start()
@@ -226,6 +248,11 @@ class Server:
         """Hand organic publishes to ``forwarder`` after local delivery."""
         self._forwarders.append(forwarder)
 
+    def peer_status(self) -> list[dict[str, Any]]:
+        """Per peer link: url, state, outbox depth and bytes, in_flight, and the
+        sent / resent / confirmed / rejected / dropped / forgotten counters."""
+        return self._peering.status() if self._peering is not None else []
+
     def add_http_route(self, path: str, handler: Callable[[], tuple[int, bytes, str]]) -> None:
         """Serve ``GET path`` (non-upgrade requests only) with ``(status, body, content type)``."""
         self._http_routes[path] = handler
@@ -258,6 +285,9 @@ class Server:
         if not pub.from_peer:
             for forwarder in self._forwarders:
                 forwarder.forward(pub)
+        if self.backplane is not None:
+            # Peer publishes too: behind a backplane, servers are one service.
+            self.backplane.forward(pub)
         self.stats.publishes += 1
         if self.events.has("publish"):
             self.events.emit("publish", pub.topic, client_id)
@@ -352,8 +382,11 @@ class Server:
         if self.connections.pop(conn.client_id, None) is None:
             return
         if conn.subscriptions:
+            backplane = self.backplane
             for topic in conn.subscriptions:
                 self._trie.remove(topic, conn)
+                if backplane is not None:
+                    backplane.interest.remove(topic)
             conn.subscriptions = None
         if self.events.has("disconnect"):
             self.events.emit("disconnect", conn.client_id)
@@ -425,6 +458,8 @@ class Server:
                 )
             subs.add(req.topic)
             self._trie.add(req.topic, conn)
+            if self.backplane is not None:
+                self.backplane.interest.add(req.topic)
         self._ack(conn, "subscribe", req.topic, req.id)
         if self.events.has("subscribe"):
             self.events.emit("subscribe", req.topic, conn.client_id)
@@ -434,6 +469,8 @@ class Server:
         if subs is not None and req.topic in subs:
             subs.discard(req.topic)
             self._trie.remove(req.topic, conn)
+            if self.backplane is not None:
+                self.backplane.interest.remove(req.topic)
             if not subs:
                 conn.subscriptions = None
         self._ack(conn, "unsubscribe", req.topic, req.id)
@@ -470,7 +507,12 @@ class Server:
             "connections": len(self.connections),
             "subscriptions": len(self._trie),
             "stats": self.stats.as_dict(),
+            "peers": self.peer_status(),
         }
+        if self.backplane is not None:
+            body["backplane"] = self.backplane.status()
+            if not self.backplane.healthy:
+                body["status"] = "degraded"
         return 200, orjson.dumps(body), "application/json"
 
 

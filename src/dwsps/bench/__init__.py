@@ -1,0 +1,1 @@
+"""The benchmark client behind ``dwsps bench`` (see :mod:`dwsps.benchmark`)."""
