@@ -347,7 +347,11 @@ def write_report(path: Path, records: list[dict[str, Any]], info: dict[str, Any]
             lines.append(f"# {rec['case']}, {rec['target']}, {rec['generator']}")
             lines.append(rec["servers"])
             lines.append(" ".join(rec["command"]))
-    lines += ["```", "", "## Machine", "", "```", mach["lscpu"], "```", ""]
+    lines += ["```", ""]
+    notes = Path(__file__).with_name("notes.md")
+    if notes.exists():  # the hand-written analysis: what bounds each figure, what was tuned
+        lines += [notes.read_text().rstrip(), ""]
+    lines += ["## Machine", "", "```", mach["lscpu"], "```", ""]
     path.write_text("\n".join(lines))
 
 
@@ -364,7 +368,15 @@ def main() -> int:
     parser.add_argument("--no-python-client", action="store_true", help="skip dwsps bench rows")
     parser.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument(
+        "--rewrite", type=Path, metavar="RAW", help="only rewrite the report from a raw.jsonl"
+    )
     args = parser.parse_args()
+    if args.rewrite:
+        old = args.rewrite.read_text().splitlines()
+        meta = json.loads((args.rewrite.parent / "machine.json").read_text())
+        write_report(args.report, [json.loads(line) for line in old], meta)
+        return 0
 
     loadgen = build_loadgen(args.loadgen_dir)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -433,6 +445,7 @@ def main() -> int:
         print(f"    {summary}", file=sys.stderr, flush=True)
         write_report(args.report, records, info)
     info["finished"] = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    (outdir / "machine.json").write_text(json.dumps(info, indent=2))
     write_report(args.report, records, info)
     print(f"wrote {args.report} and {raw}", file=sys.stderr)
     return 0

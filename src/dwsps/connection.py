@@ -174,6 +174,9 @@ class Connection(WSListener):
         """Queue one pre-encoded frame; it goes out with the rest at the end of this turn."""
         if self.closing:
             return
+        batch = self.server._batch
+        if batch is not None and self in batch.members:
+            self.server._close_batch()  # deliveries queued before this go first
         pending = self.pending
         if pending is None:
             self.pending = [data]
@@ -184,6 +187,9 @@ class Connection(WSListener):
 
     def flush(self) -> None:
         """Write everything queued in one call; close the connection if it is too far behind."""
+        batch = self.server._batch
+        if batch is not None and self in batch.members:
+            self.server._close_batch()
         pending = self.pending
         if pending is None:
             return

@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass, fields
@@ -233,8 +234,9 @@ class Outbox:
                 self._max_written = seq
         self._written = stop
         # A peer that never replies must not grow this without bound; the
-        # alignment it gives is lost anyway.
-        while len(awaiting) > self._max_messages:
+        # alignment it gives is lost anyway. (Room for twice the outbox: seqs
+        # of written entries evicted from a full outbox still await replies.)
+        while len(awaiting) > 2 * self._max_messages + 1024:
             awaiting.popleft()
         return frames
 
@@ -247,11 +249,15 @@ class Outbox:
         awaiting = self._awaiting
         if not awaiting:
             return None
-        if type(reply_id) is int and awaiting[0] <= reply_id <= awaiting[-1]:
+        if type(reply_id) is int and 0 < reply_id < self._next_seq:
+            # One of our ids (a dwsps peer echoes them): settles all up to it.
+            if reply_id < awaiting[0]:
+                return None  # already settled by a later reply
             while awaiting and awaiting[0] <= reply_id:
                 awaiting.popleft()
             upto = reply_id
         else:
+            # No id (an original server): replies come in request order.
             upto = awaiting.popleft()
         entries = self._entries
         stats = self.stats
@@ -290,6 +296,29 @@ class Outbox:
         self._written = 0
         self._bytes = 0
         return n
+
+
+_TCP_CORK: Final = getattr(socket, "TCP_CORK", None)  # Linux only
+
+
+def _cork(transport: WSTransport) -> Any:
+    """Hold back partial segments on the link's socket; return it, or None if not possible."""
+    if _TCP_CORK is None:
+        return None
+    sock = transport.underlying_transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 1)
+    except OSError:
+        return None
+    return sock
+
+
+def _uncork(sock: Any) -> None:
+    """Send what :func:`_cork` held back, now."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 0)
 
 
 def backoff_delay(attempt: int, low: float, high: float, rng: random.Random) -> float:
@@ -356,6 +385,7 @@ class PeerLink:
         self._rng = random.Random()
         self._drop_logged = 0
         self._reject_logged = False
+        self._refused = False
         self._drained: asyncio.Event | None = None
 
     # -- lifecycle ----------------------------------------------------------
@@ -427,14 +457,25 @@ class PeerLink:
         if transport is None or self.state is not LinkState.UP:
             return
         outbox = self.outbox
+        if not outbox.unsent:
+            return
         send = transport.send
         text = WSMsgType.TEXT
-        while not self._paused:
-            frames = outbox.take_unsent(_WRITE_CHUNK)
-            if not frames:
-                return
-            for frame in frames:
-                send(text, frame)
+        # picows writes (masks) each frame on its own. Corked, this turn's
+        # frames leave together when we uncork below, still in this loop turn,
+        # so the peer reads and fans them out in one batch instead of being
+        # woken per frame (measured: ~1.5-2x deliveries/s on the peer).
+        sock = _cork(transport)
+        try:
+            while not self._paused:
+                frames = outbox.take_unsent(_WRITE_CHUNK)
+                if not frames:
+                    return
+                for frame in frames:
+                    send(text, frame)
+        finally:
+            if sock is not None:
+                _uncork(sock)
 
     # -- replies ----------------------------------------------------------------
 
@@ -455,12 +496,15 @@ class PeerLink:
             code = str(reply.get("error"))
             if code in _RETRY_LATER:
                 # Keep the publish; try again on a new connection after a backoff.
-                self.last_error = f"{code}: {reply.get('detail', '')}"
-                log.warning(
-                    "peer %s refused a publish (%s); reconnecting later",
-                    self.display_url,
-                    self.last_error,
-                )
+                error = f"{code}: {reply.get('detail', '')}"
+                if error != self.last_error:  # once per cause, not per retry
+                    log.warning(
+                        "peer %s refused a publish (%s); holding publishes, retrying",
+                        self.display_url,
+                        error,
+                    )
+                self.last_error = error
+                self._refused = True
                 if self._transport is not None:
                     self._transport.disconnect()
                 return
@@ -532,7 +576,7 @@ class PeerLink:
         self.connects += 1
         self.up_since = time.time()
         self._reject_logged = False
-        self.last_error = ""
+        self._refused = False  # last_error stays: the last problem seen, for status
         held = len(self.outbox)
         log.info("peer %s up (%d publishes to send)", self.display_url, held)
         self.server.events.emit("peer_up", self.display_url)
@@ -555,7 +599,7 @@ class PeerLink:
         self.up_since = None
         if recv is not None:
             self.last_error = f"closed by peer: {recv.code.value} {recv.reason}".strip()
-        elif not self.last_error:
+        elif not self._refused:
             self.last_error = "connection lost"
         if not self._closing:
             self.state = LinkState.DOWN

@@ -92,6 +92,30 @@ class ServerStats:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+class _Batch:
+    """Deliveries for one subscription queued during one loop turn, sent as one buffer.
+
+    Consecutive publishes matching the same subscription (the usual fan-out)
+    append their frame here instead of to every subscriber's queue; when the
+    batch closes, the frames are joined once and the same bytes are queued
+    on every member. It closes at the end of the loop turn, before anything
+    else is queued on one of its members, and when a publish matches another
+    subscription, so each connection still sees its frames in order.
+
+    ``members`` is a snapshot taken at the start: the subscribers when those
+    publishes were made. A subscription change bumps the trie's version, and
+    the next publish then starts a new batch.
+    """
+
+    __slots__ = ("frames", "members", "subscribers", "version")
+
+    def __init__(self, subscribers: dict[Connection, None], frame: bytes, version: int) -> None:
+        self.subscribers = subscribers
+        self.members = subscribers.copy()
+        self.frames = [frame]
+        self.version = version
+
+
 class Server:
     """A dwsps pub/sub server.
 
@@ -114,6 +138,7 @@ class Server:
         self._trie: SubscriptionTrie[Connection] = SubscriptionTrie()
         self._topic_limits = self.config.topic_limits
         self._dirty: list[Connection] = []
+        self._batch: _Batch | None = None
         self._flush_scheduled = False
         self._forwarders: list[Forwarder] = []
         self._http_routes: dict[str, Callable[[], tuple[int, bytes, str]]] = {
@@ -304,24 +329,43 @@ class Server:
         encoder = DeliveryEncoder(
             pub.topic, pub.message, pub.timestamp or self.clock.now(), pub.from_peer, extra
         )
-        dirty = self._dirty
+        version = self._trie.version
         count = 0
         for context, subscribers in matches:
             frame = text_frame(encoder.encode(context))
             count += len(subscribers)
-            for conn in subscribers:
-                # Connection.send, inlined: this loop is the server's hot path.
-                pending = conn.pending
-                if pending is None:
-                    if conn.closing:
-                        continue
-                    conn.pending = [frame]
-                    dirty.append(conn)
-                else:
-                    pending.append(frame)
+            # The hot path: consecutive publishes to one subscription share a
+            # batch, so a delivery costs no per-subscriber work here.
+            batch = self._batch
+            if batch is not None and batch.subscribers is subscribers and batch.version == version:
+                batch.frames.append(frame)
+            else:
+                if batch is not None:
+                    self._close_batch()
+                self._batch = _Batch(subscribers, frame, version)
         self.stats.deliveries += count
         self._schedule_flush()
         return count
+
+    def _close_batch(self) -> None:
+        """Queue the open batch's frames, joined once, on each of its members."""
+        batch = self._batch
+        if batch is None:
+            return
+        self._batch = None
+        frames = batch.frames
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        dirty = self._dirty
+        for conn in batch.members:
+            # Connection.send, inlined (and without its batch check: we are closing it).
+            pending = conn.pending
+            if pending is None:
+                if conn.closing:
+                    continue
+                conn.pending = [data]
+                dirty.append(conn)
+            else:
+                pending.append(data)
 
     def has_subscribers(self, topic: str) -> bool:
         """Whether any local subscription matches ``topic``."""
@@ -392,12 +436,13 @@ class Server:
             self.events.emit("disconnect", conn.client_id)
 
     def _schedule_flush(self) -> None:
-        if not self._flush_scheduled and self._dirty:
+        if not self._flush_scheduled and (self._dirty or self._batch is not None):
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._close_batch()
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             conn.flush()

@@ -94,11 +94,13 @@ class _Node(Generic[S]):
 class SubscriptionTrie(Generic[S]):
     """Maps subscription topics to subscribers; finds the matches of a published topic."""
 
-    __slots__ = ("_count", "_root")
+    __slots__ = ("_count", "_root", "version")
 
     def __init__(self) -> None:
         self._root: _Node[S] = _Node("")
         self._count = 0
+        self.version = 0
+        """Bumped by every change: lets callers tell whether what they matched still holds."""
 
     def __len__(self) -> int:
         """Number of (topic, subscriber) pairs held."""
@@ -121,6 +123,7 @@ class SubscriptionTrie(Generic[S]):
             return False
         node.subscribers[subscriber] = None
         self._count += 1
+        self.version += 1
         return True
 
     def remove(self, topic: str, subscriber: S) -> bool:
@@ -137,6 +140,7 @@ class SubscriptionTrie(Generic[S]):
             return False
         del node.subscribers[subscriber]
         self._count -= 1
+        self.version += 1
         for parent, level in reversed(path):
             child = parent.children[level] if parent.children else None
             if child is None or child.subscribers or child.children:

@@ -120,6 +120,7 @@ class MemoryBackplane(Backplane):
             "state": "up",
             "healthy": True,
             "keys": sorted(self._keys),
+            "subscribed": sorted(self._keys),
             "published": self.published,
             "received": self.received,
         }

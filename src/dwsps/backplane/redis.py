@@ -115,6 +115,10 @@ class RedisBackplane(Backplane):
         self._channel_prefix = (self.prefix + ":").encode()
         self._pattern = self._channel_prefix + b"*"
         self._presence_key = f"{self.prefix}:servers"
+        try:
+            self._connection()  # not connected: only checks the options
+        except TypeError as exc:
+            raise ValueError(f"backplane URL {self.url}: unusable option ({exc})") from None
 
         self._want: set[str] = set()
         self._outbox: deque[tuple[bytes, bytes]] = deque()
@@ -134,6 +138,7 @@ class RedisBackplane(Backplane):
         self._known_servers: set[str] = set()
         # Per session: what was asked of Redis, what it confirmed.
         self._sent: set[str] = set()
+        self._confirmed: set[str] = set()
         self._pattern_on = False
         self._unconfirmed = 0
         self._ready = False
@@ -198,6 +203,7 @@ class RedisBackplane(Backplane):
             "reason": self.reason,
             "prefix": self.prefix,
             "keys": sorted(self._want),
+            "subscribed": sorted(self._confirmed),
             "outbox": len(self._outbox),
             "outbox_bytes": self._outbox_bytes,
             "published": self.published,
@@ -239,6 +245,9 @@ class RedisBackplane(Backplane):
         kwargs.setdefault("socket_connect_timeout", CONNECT_TIMEOUT)
         kwargs.setdefault("socket_keepalive", True)
         kwargs.setdefault("client_name", f"dwsps-{self.server_id}")
+        # RESP2: pub/sub messages are plain replies on the subscribe connection
+        # (redis-py would route RESP3 pushes to a handler of its own).
+        kwargs["protocol"] = 2
         return cls(**kwargs)
 
     async def _supervise(self) -> None:
@@ -285,6 +294,7 @@ class RedisBackplane(Backplane):
         was = self.state
         self._ready = False
         self._ready_event.clear()
+        self._confirmed = set()
         self.reason = reason
         if was in ("up", "connecting"):
             self.state = "down"
@@ -302,6 +312,7 @@ class RedisBackplane(Backplane):
     async def _session(self, sub: AbstractConnection, pub: AbstractConnection) -> None:
         self.sessions += 1
         self._sent = set()
+        self._confirmed = set()
         self._pattern_on = False
         self._unconfirmed = 0
         self._ready = False
@@ -354,10 +365,16 @@ class RedisBackplane(Backplane):
             elif kind == b"pmessage":
                 payload = reply[3]
             else:
-                if kind == b"psubscribe":
+                if kind == b"subscribe":
+                    self._confirmed.add(reply[1][len(self._channel_prefix) :].decode())
+                elif kind == b"unsubscribe":
+                    self._confirmed.discard(reply[1][len(self._channel_prefix) :].decode())
+                elif kind == b"psubscribe":
                     self._pattern_on = True
+                    self._confirmed.add(ALL)
                 elif kind == b"punsubscribe":
                     self._pattern_on = False
+                    self._confirmed.discard(ALL)
                 if kind != b"pong":
                     self._unconfirmed -= 1
                     self._check_ready()

@@ -1,0 +1,338 @@
+#!/usr/bin/env python3
+"""Cross-server fan-out through Redis: one publisher, subscribers spread over three servers.
+
+Starts its own redis-server (free port, no persistence) and three
+``dwsps serve --backplane redis://…`` processes, connects ``--subscribers``
+picows clients spread evenly over the three servers (all subscribed to
+``bench``), then one publisher on server 0:
+
+* throughput: ``--messages`` publishes sent as fast as acks allow (at most
+  ``--window`` unacknowledged); measured from the first send to the last
+  delivery at every subscriber. Deliveries/s counts every subscriber copy.
+* latency: ``--latency-messages`` publishes at ``--rate`` per second; the
+  publisher's send time travels in the message, each subscriber records
+  receive - send (same host, same clock).
+
+Prints a table and one JSON object (``--json-only`` for just the JSON).
+Everything it starts is stopped on exit.
+
+    .venv/bin/python bench/redis_fanout.py                 # defaults: 300 subs, 5000 msgs
+    .venv/bin/python bench/redis_fanout.py --subscribers 900 --messages 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import orjson
+from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+LISTENING = re.compile(rb"dwsps listening on (ws://\S+)")
+NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
+SERVE = (sys.executable, "-m", "dwsps", "serve", "--host", "127.0.0.1", "--port", "0")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Subscriber(WSListener):  # type: ignore[misc]
+    """Counts deliveries; records latency for messages that carry a send time."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+        self.transport: WSTransport | None = None
+        self.acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.count = 0
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type != WSMsgType.TEXT:
+            return
+        data = frame.get_payload_as_bytes()
+        if data.startswith(b'{"type":"ack"'):
+            if not self.acked.done():
+                self.acked.set_result(None)
+            return
+        self.count += 1
+        self.bench.delivered += 1
+        if self.bench.measure_latency:
+            msg = orjson.loads(data)["message"]
+            self.bench.latencies.append(time.perf_counter_ns() - msg["t"])
+        if self.bench.delivered == self.bench.expected:
+            self.bench.done.set()
+
+
+class Publisher(WSListener):  # type: ignore[misc]
+    """Sends publishes; counts acks so the sender can keep a bounded window."""
+
+    def __init__(self) -> None:
+        self.transport: WSTransport | None = None
+        self.acks = 0
+        self.ack_event = asyncio.Event()
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type == WSMsgType.TEXT and frame.get_payload_as_bytes().startswith(
+            b'{"type":"ack"'
+        ):
+            self.acks += 1
+            self.ack_event.set()
+
+
+class Bench:
+    def __init__(self) -> None:
+        self.delivered = 0
+        self.expected = 0
+        self.done = asyncio.Event()
+        self.measure_latency = False
+        self.latencies: list[int] = []
+
+    def reset(self, expected: int, latency: bool) -> None:
+        self.delivered = 0
+        self.expected = expected
+        self.done = asyncio.Event()
+        self.measure_latency = latency
+        self.latencies = []
+
+
+async def start_process(args: list[str], ready: re.Pattern[bytes]) -> tuple[Any, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    assert proc.stdout is not None
+
+    async def wait() -> str:
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            match = ready.search(line)
+            if match:
+                return match.group(1).decode() if match.groups() else ""
+        raise RuntimeError(f"{args[0]} exited before it was ready")
+
+    text = await asyncio.wait_for(wait(), 20)
+
+    async def drain() -> None:
+        assert proc.stdout is not None
+        while await proc.stdout.readline():
+            pass
+
+    proc._drain = asyncio.create_task(drain())  # keep the pipe from filling
+    return proc, text
+
+
+async def stop_process(proc: Any) -> None:
+    if proc.returncode is None:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def publish_window(pub: Publisher, n: int, window: int, latency: bool) -> None:
+    assert pub.transport is not None
+    base = pub.acks
+    for i in range(n):
+        while i - (pub.acks - base) >= window:
+            pub.ack_event.clear()
+            await pub.ack_event.wait()
+        message: dict[str, Any] = {"i": i}
+        if latency:
+            message["t"] = time.perf_counter_ns()
+        pub.transport.send(
+            WSMsgType.TEXT,
+            orjson.dumps({"type": "publish", "topic": "bench.load", "message": message}),
+        )
+
+
+async def publish_paced(pub: Publisher, n: int, rate: float) -> None:
+    assert pub.transport is not None
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for i in range(n):
+        delay = start + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        message = {"i": i, "t": time.perf_counter_ns()}
+        pub.transport.send(
+            WSMsgType.TEXT,
+            orjson.dumps({"type": "publish", "topic": "bench.load", "message": message}),
+        )
+
+
+async def wait_subscribed(url: str, key: str, timeout: float = 20) -> None:
+    """Poll /health/backplane until the server's upstream subscription is confirmed."""
+    host, port = url.removeprefix("ws://").rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /health/backplane HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw = await reader.read()
+        writer.close()
+        body = json.loads(raw.split(b"\r\n\r\n", 1)[1])
+        if key in body.get("subscribed", []):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} never subscribed to {key}")
+        await asyncio.sleep(0.05)
+
+
+def redis_version(exe: str) -> str:
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False)
+    return out.stdout.strip()
+
+
+def pct(values: list[int], p: float) -> float:
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k] / 1e6
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    redis_exe = shutil.which("redis-server")
+    if redis_exe is None:
+        raise SystemExit("redis-server is not installed (scripts/install-system-deps.sh)")
+    procs: list[Any] = []
+    transports: list[WSTransport] = []
+    try:
+        rport = free_port()
+        redis_proc, _ = await start_process(
+            [redis_exe, "--port", str(rport), "--bind", "127.0.0.1", *NO_PERSISTENCE],
+            re.compile(rb"Ready to accept connections"),
+        )
+        procs.append(redis_proc)
+        redis_url = f"redis://127.0.0.1:{rport}/0"
+        urls = []
+        for _ in range(3):
+            proc, url = await start_process(
+                [*SERVE, "--backplane", redis_url, "--log-level", "warning"],
+                LISTENING,
+            )
+            procs.append(proc)
+            urls.append(url)
+
+        bench = Bench()
+        subscribers: list[Subscriber] = []
+        for i in range(args.subscribers):
+            transport, listener = await ws_connect(lambda: Subscriber(bench), urls[i % 3])
+            transports.append(transport)
+            subscribers.append(listener)
+            transport.send(WSMsgType.TEXT, b'{"type":"subscribe","topic":"bench"}')
+        await asyncio.wait_for(asyncio.gather(*(s.acked for s in subscribers)), 30)
+        for url in urls:
+            await wait_subscribed(url, "bench")
+        ptransport, pub = await ws_connect(Publisher, urls[0])
+        transports.append(ptransport)
+
+        # Warm-up (connections, caches), not measured.
+        bench.reset(args.subscribers * 100, latency=False)
+        await publish_window(pub, 100, args.window, latency=False)
+        await asyncio.wait_for(bench.done.wait(), 60)
+
+        bench.reset(args.subscribers * args.messages, latency=False)
+        t0 = time.perf_counter()
+        await publish_window(pub, args.messages, args.window, latency=False)
+        t_sent = time.perf_counter()
+        await asyncio.wait_for(bench.done.wait(), 300)
+        elapsed = time.perf_counter() - t0
+
+        bench.reset(args.subscribers * args.latency_messages, latency=True)
+        await publish_paced(pub, args.latency_messages, args.rate)
+        await asyncio.wait_for(bench.done.wait(), 120)
+        lat = bench.latencies
+        per_server = [sum(s.count for s in subscribers[i::3]) for i in range(3)]
+
+        return {
+            "scenario": "redis_fanout",
+            "servers": 3,
+            "subscribers": args.subscribers,
+            "messages": args.messages,
+            "window": args.window,
+            "throughput": {
+                "seconds": round(elapsed, 3),
+                "publishes_per_s": round(args.messages / elapsed),
+                "deliveries_per_s": round(args.subscribers * args.messages / elapsed),
+                "publish_phase_seconds": round(t_sent - t0, 3),
+            },
+            "latency": {
+                "messages": args.latency_messages,
+                "rate_per_s": args.rate,
+                "samples": len(lat),
+                "p50_ms": round(pct(lat, 50), 3),
+                "p99_ms": round(pct(lat, 99), 3),
+                "max_ms": round(max(lat) / 1e6, 3),
+                "mean_ms": round(statistics.fmean(lat) / 1e6, 3),
+            },
+            "deliveries_per_server_total": per_server,
+            "machine": {
+                "nproc": os.cpu_count(),
+                "python": platform.python_version(),
+                "redis": redis_version(redis_exe),
+            },
+        }
+    finally:
+        for transport in transports:
+            with contextlib.suppress(Exception):
+                transport.disconnect()
+        for proc in reversed(procs):
+            await stop_process(proc)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--subscribers", type=int, default=300)
+    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--window", type=int, default=200, help="unacked publishes in flight")
+    parser.add_argument("--latency-messages", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=500.0, help="publishes/s, latency phase")
+    parser.add_argument("--json-only", action="store_true")
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    result = runner(run(args))
+    if not args.json_only:
+        t, lat = result["throughput"], result["latency"]
+        rows = [
+            ("subscribers (3 servers)", f"{args.subscribers}"),
+            ("publishes", f"{args.messages}"),
+            ("time to last delivery", f"{t['seconds']} s"),
+            ("publishes/s", f"{t['publishes_per_s']:,}"),
+            ("deliveries/s (all servers)", f"{t['deliveries_per_s']:,}"),
+            (f"latency p50 @ {args.rate:g}/s", f"{lat['p50_ms']} ms"),
+            (f"latency p99 @ {args.rate:g}/s", f"{lat['p99_ms']} ms"),
+            ("latency max", f"{lat['max_ms']} ms"),
+        ]
+        width = max(len(r[0]) for r in rows)
+        for name, value in rows:
+            print(f"{name:<{width}}  {value}")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,292 @@
+"""Real ``dwsps serve`` processes on a real redis-server.
+
+Exactly-once checks use fences: after its messages each publisher publishes a
+"fence" on the same topic; deliveries from one publisher reach a subscriber in
+order, so once every fence is in, anything that was going to arrive (copies
+included) has arrived.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from tests.backplane.conftest import (
+    ClientFactory,
+    RedisProcess,
+    ServerFactory,
+    WSClient,
+    backplane_status,
+    eventually,
+    free_port,
+    http_get,
+    numsub,
+    wait_subscribed,
+)
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def is_fence(m: dict[str, Any]) -> bool:
+    return isinstance(m["message"], str) and m["message"].startswith("fence")
+
+
+async def take_fences(client: WSClient, fences: int) -> list[dict[str, Any]]:
+    """Deliveries until ``fences`` fence deliveries have come."""
+    seen = 0
+
+    def stop(m: dict[str, Any]) -> bool:
+        nonlocal seen
+        seen += is_fence(m)
+        return seen == fences
+
+    return await client.take_until(stop)
+
+
+async def test_three_servers_each_publish_everyone_receives_once(
+    redis_url: str, servers: ServerFactory, clients: ClientFactory
+) -> None:
+    procs = [await servers("--backplane", redis_url) for _ in range(3)]
+    subs = [await clients(p.url) for p in procs]
+    pubs = [await clients(p.url) for p in procs]
+    contexts = ["news", "news.uk", "*.uk"]
+    for sub, proc in zip(subs, procs, strict=True):
+        await sub.subscribe(*contexts)
+        await wait_subscribed(proc.url, "news", "*")
+    for i, pub in enumerate(pubs):
+        await pub.publish("news.uk", {"from": i})
+        await pub.publish("news.uk", f"fence{i}")
+    for j, sub in enumerate(subs):
+        got = await take_fences(sub, 3 * len(contexts))
+        counts = collections.Counter(
+            (str(m["message"]), m["context"]) for m in got if not is_fence(m)
+        )
+        assert counts == {(str({"from": i}), c): 1 for i in range(3) for c in contexts}
+        for m in got:
+            assert m["topic"] == "news.uk"
+            assert "fromPeerServer" not in m
+            sender = m["message"]["from"] if not is_fence(m) else int(m["message"][5:])
+            # Marked exactly when it came from another server.
+            assert m.get("viaBackplane", False) is (sender != j)
+        assert sub.deliveries.empty()
+
+
+async def test_wildcard_and_prefix_across_servers(
+    redis_url: str,
+    servers: ServerFactory,
+    clients: ClientFactory,
+    redis_admin: aioredis.Redis,
+) -> None:
+    a, b, c = [await servers("--backplane", redis_url) for _ in range(3)]
+    on_b, on_c = await clients(b.url), await clients(c.url)
+    # B has the pattern subscription and the "weather" channel: Redis sends
+    # weather traffic to it twice (message and pmessage).
+    await on_b.subscribe("*.uk.london", "weather.nowhere")
+    await on_c.subscribe("weather")
+    await wait_subscribed(b.url, "*", "weather")
+    await wait_subscribed(c.url, "weather")
+    pub = await clients(a.url)
+    for topic in ("news.uk.london", "sport.uk.london", "news.fr.paris", "weather.uk.london"):
+        await pub.publish(topic, topic)
+    await pub.publish("weather.fence", "fence")
+    await pub.publish("zz.uk.london", "fence")
+    got_b = await take_fences(on_b, 1)
+    assert [(m["message"], m["context"]) for m in got_b] == [
+        ("news.uk.london", "*.uk.london"),
+        ("sport.uk.london", "*.uk.london"),
+        ("weather.uk.london", "*.uk.london"),
+        ("fence", "*.uk.london"),
+    ]
+    got_c = await take_fences(on_c, 1)
+    assert [m["message"] for m in got_c] == ["weather.uk.london", "fence"]
+    assert await numsub(redis_admin, "weather") == 2
+    # B takes each of the 6 publishes once, the weather ones included.
+    status_b = await backplane_status(b.url)
+    assert status_b["received"] == 6
+    assert status_b["duplicates"] == 0
+
+
+async def test_no_interest_no_traffic(
+    redis_url: str,
+    servers: ServerFactory,
+    clients: ClientFactory,
+    redis_admin: aioredis.Redis,
+) -> None:
+    a, b, c = [await servers("--backplane", redis_url) for _ in range(3)]
+    on_b, on_c = await clients(b.url), await clients(c.url)
+    await on_b.subscribe("sport.football")
+    await on_c.subscribe("news")
+    await wait_subscribed(b.url, "sport")
+    await wait_subscribed(c.url, "news")
+    assert await numsub(redis_admin, "sport") == 1  # B only
+    pub = await clients(a.url)
+    for i in range(20):
+        await pub.publish("sport.football", i)
+    await pub.publish("news", "fence")
+    assert len(await on_b.take(20)) == 20
+    await take_fences(on_c, 1)
+    status_c = await backplane_status(c.url)
+    assert status_c["received"] == 1  # the news fence, no sport traffic
+    channels = {ch.decode() for ch in await redis_admin.pubsub_channels("dwsps:*")}
+    assert channels == {"dwsps:sport", "dwsps:news"}
+    # The last subscriber goes: the upstream subscription goes too.
+    await on_b.close()
+    await eventually(
+        lambda: _numsub_is(redis_admin, "sport", 0), "B to unsubscribe upstream from sport"
+    )
+
+
+async def _numsub_is(admin: aioredis.Redis, key: str, n: int) -> bool:
+    return await numsub(admin, key) == n
+
+
+async def _knows(url: str, n: int) -> bool:
+    return len((await backplane_status(url))["servers"]) == n
+
+
+async def _outbox_empty(url: str) -> bool:
+    return (await backplane_status(url))["outbox"] == 0
+
+
+async def _state_is(url: str, state: str) -> bool:
+    return (await backplane_status(url))["state"] == state
+
+
+async def test_redis_killed_and_restarted_while_publishing(
+    redis_proc: RedisProcess, servers: ServerFactory, clients: ClientFactory
+) -> None:
+    procs = [await servers("--backplane", redis_proc.url) for _ in range(3)]
+    a = procs[0]
+    subs = [await clients(p.url) for p in procs[1:]]
+    for sub, proc in zip(subs, procs[1:], strict=True):
+        await sub.subscribe("load")
+        await wait_subscribed(proc.url, "load")
+    # A resyncs with the servers it knows (presence is refreshed every second).
+    await eventually(lambda: _knows(a.url, 3), "A to see all three servers")
+    pub = await clients(a.url)
+    total, kill_at, restart_at = 300, 100, 200
+    for i in range(1, total + 1):
+        await pub.publish("load.x", i)
+        if i == kill_at:
+            await redis_proc.kill()
+            await eventually(lambda: _state_is(a.url, "down"), "A to notice Redis is gone")
+        elif i == restart_at:
+            status = await backplane_status(a.url)
+            assert status["outbox"] > 0  # publishes made meanwhile are waiting
+            await redis_proc.start()
+    for sub in subs:
+        got = await sub.take(total, timeout=30)
+        assert [m["message"] for m in got] == list(range(1, total + 1))
+    for proc in procs:
+        await eventually(lambda p=proc: _state_is(p.url, "up"), f"{proc.url} to be up")
+        status = await backplane_status(proc.url)
+        assert status["dropped"] == 0
+        assert status["gaps"] == 0
+        assert status["sessions"] >= 2
+        assert "backplane" in proc.log()
+        assert "down" in proc.log()
+    for sub in subs:
+        assert sub.deliveries.empty()
+
+
+async def test_outbox_overflow_is_counted(
+    redis_proc: RedisProcess,
+    servers: ServerFactory,
+    clients: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    b = await servers("--backplane", redis_proc.url)
+    monkeypatch.setenv("DWSPS_BACKPLANE_BUFFER_MESSAGES", "5")
+    a = await servers("--backplane", redis_proc.url)
+    on_b = await clients(b.url)
+    await on_b.subscribe("load")
+    await wait_subscribed(b.url, "load")
+    await eventually(lambda: _knows(a.url, 2), "A to see B")
+    pub = await clients(a.url)
+    await pub.publish("load", 0)
+    assert [m["message"] for m in await on_b.take(1)] == [0]
+    await redis_proc.kill()
+    await eventually(lambda: _state_is(a.url, "down"), "A to notice Redis is gone")
+    for i in range(1, 21):
+        await pub.publish("load", i)
+    await redis_proc.start()
+    await eventually(lambda: _state_is(a.url, "up"), "A to reconnect")
+    await eventually(lambda: _outbox_empty(a.url), "A to send what it kept")
+    await pub.publish("load", "fence")
+    got = await take_fences(on_b, 1)
+    assert [m["message"] for m in got] == [16, 17, 18, 19, 20, "fence"]
+    assert (await backplane_status(a.url))["dropped"] == 15
+    assert (await backplane_status(b.url))["gaps"] == 15
+    assert "outbox full" in a.log()
+
+
+async def test_redis_down_at_start(servers: ServerFactory, clients: ClientFactory) -> None:
+    redis_proc = RedisProcess()  # not started yet
+    try:
+        a = await servers("--backplane", redis_proc.url)
+        code, health = await http_get(a.url, "/health")
+        assert code == 200
+        assert health["status"] == "degraded"
+        assert health["backplane"]["state"] == "down"
+        assert health["backplane"]["healthy"] is False
+        code, _ = await http_get(a.url, "/health/backplane")
+        assert code == 503
+        # It serves clients meanwhile (locally).
+        local = await clients(a.url)
+        await local.subscribe("news")
+        await local.publish("news", "local")
+        assert [m["message"] for m in await local.take(1)] == ["local"]
+        await redis_proc.start()
+        await eventually(lambda: _state_is(a.url, "up"), "A to connect once Redis is there")
+        code, health = await http_get(a.url, "/health")
+        assert code == 200
+        assert health["status"] == "ok"
+        code, _ = await http_get(a.url, "/health/backplane")
+        assert code == 200
+        b = await servers("--backplane", redis_proc.url)
+        await wait_subscribed(a.url, "news")
+        await (await clients(b.url)).publish("news", "remote")
+        (got,) = await local.take(1)
+        assert got["message"] == "remote"
+        assert got["viaBackplane"] is True
+        assert "backplane" in a.log()
+        assert "down" in a.log()
+    finally:
+        await redis_proc.stop()
+
+
+async def test_peering_and_backplane_together_no_duplicates(
+    redis_url: str, servers: ServerFactory, clients: ClientFactory
+) -> None:
+    pa, pb = free_port(), free_port()
+    url_a, url_b = f"ws://127.0.0.1:{pa}", f"ws://127.0.0.1:{pb}"
+    a = await servers("--backplane", redis_url, "--peer", url_b, port=pa)
+    b = await servers("--backplane", redis_url, "--peer", url_a, port=pb)
+    c = await servers("--backplane", redis_url)  # backplane only
+    procs = [a, b, c]
+    subs = [await clients(p.url) for p in procs]
+    for sub, proc in zip(subs, procs, strict=True):
+        await sub.subscribe("news")
+        await wait_subscribed(proc.url, "news")
+    pubs = [await clients(p.url) for p in (a, b)]
+    # The peer links may still be connecting: publishes wait in their outboxes.
+    for i, pub in enumerate(pubs):
+        for n in range(10):
+            await pub.publish("news", f"{i}-{n}")
+        await pub.publish("news", f"fence{i}")
+    for sub in subs:
+        got = await take_fences(sub, 2)
+        counts = collections.Counter(m["message"] for m in got)
+        assert counts == {f"{i}-{n}": 1 for i in range(2) for n in range(10)} | {
+            "fence0": 1,
+            "fence1": 1,
+        }
+    dropped = 0
+    for proc in procs:
+        _, health = await http_get(proc.url, "/health")
+        dropped += health["stats"]["duplicates_dropped"]
+    assert dropped > 0  # both paths carried copies; the copies were dropped
+    for sub in subs:
+        assert sub.deliveries.empty()
