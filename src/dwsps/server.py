@@ -65,7 +65,7 @@ SERVER_EVENTS = (
 
 
 class Forwarder(Protocol):
-    """Something organic publishes are handed to after local delivery (peer links, backplane).
+    """Something organic publishes are handed to after local delivery (peer links).
 
     ``forward`` must not block: it queues and returns.
     """
