@@ -25,6 +25,7 @@ from tests.backplane.conftest import (
     numsub,
     wait_subscribed,
 )
+from tests.procs import ServerProcess
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -176,14 +177,32 @@ async def test_redis_killed_and_restarted_while_publishing(
             status = await backplane_status(a.url)
             assert status["outbox"] > 0  # publishes made meanwhile are waiting
             await redis_proc.start()
-    for sub in subs:
-        got = await sub.take(total, timeout=30)
-        assert [m["message"] for m in got] == list(range(1, total + 1))
+    # Redis pub/sub is at-most-once: a message Redis had accepted but not yet
+    # written to a subscriber's socket dies with it. The promise is that such
+    # a loss is never silent: every message either arrives (once, in order)
+    # or is counted in the receiving server's `gaps`.
+    received: dict[str, list[int]] = {}
+    for sub, proc in zip(subs, procs[1:], strict=True):
+        got = received[proc.url] = []
+
+        async def settled(
+            sub: WSClient = sub, proc: ServerProcess = proc, got: list[int] = got
+        ) -> bool:
+            while not sub.deliveries.empty():
+                got.append(sub.deliveries.get_nowait()["message"])
+            gaps = (await backplane_status(proc.url))["gaps"]
+            return len(got) + int(gaps) >= total
+
+        await eventually(settled, f"all of {total} delivered or counted on {proc.url}", 30)
+        assert got == sorted(set(got)), "no duplicates, in order"
+        assert set(got) <= set(range(1, total + 1))
     for proc in procs:
         await eventually(lambda p=proc: _state_is(p.url, "up"), f"{proc.url} to be up")
         status = await backplane_status(proc.url)
         assert status["dropped"] == 0
-        assert status["gaps"] == 0
+        missed = total - len(received[proc.url]) if proc.url in received else 0
+        assert status["gaps"] == missed
+        assert missed <= 5, "only what Redis held at the kill may be lost"
         assert status["sessions"] >= 2
         assert "backplane" in proc.log()
         assert "down" in proc.log()
