@@ -14,7 +14,7 @@ import signal
 import sys
 from types import TracebackType
 
-_LISTENING = re.compile(rb"dwsps listening on (ws://\S+)")
+_LISTENING = re.compile(rb"dwsps listening on (wss?://\S+)")
 
 TIME_SCALE = float(os.environ.get("DWSPS_TEST_TIME_SCALE", "1"))
 

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept fromPeerServer publishes only from peers presenting TOKEN",
     )
     serve.add_argument("--backplane", metavar="URL", help="memory:// (default) or redis://...")
+    serve.add_argument("--tls-cert", metavar="PEM", help="certificate chain: serve wss://")
+    serve.add_argument("--tls-key", metavar="PEM", help="private key (if not in --tls-cert)")
     serve.add_argument("--max-frame-size", type=int, metavar="BYTES", help="default 1 MiB")
     serve.add_argument(
         "--heartbeat-interval", type=float, metavar="SECONDS", help="0 disables (default 10)"
@@ -186,6 +188,8 @@ _SERVE_FIELDS = (
     "peers",
     "accept_peer_tokens",
     "backplane",
+    "tls_cert",
+    "tls_key",
     "max_frame_size",
     "heartbeat_interval",
     "max_subscriptions",

@@ -25,6 +25,10 @@ class ServerConfig:
     accept_peer_tokens: list[str] = field(default_factory=list)
     """Inbound: when non-empty, only connections presenting one of these may send
     ``fromPeerServer`` publishes."""
+    tls_cert: str = ""
+    """PEM certificate chain file; when set, the server speaks ``wss://``."""
+    tls_key: str = ""
+    """PEM private key file (empty: the key is in ``tls_cert``)."""
     backplane: str = "memory://"
     """Backplane URL: ``memory://`` (embedded, single node) or ``redis://…``."""
     max_frame_size: int = 1 * MIB

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from types import TracebackType
@@ -170,6 +171,7 @@ class Server:
             # Logger per connection (~0.5 KB each); an adapter is shared.
             logger_name=_WS_LOG,
             use_aiofastnet=False,
+            ssl=self._tls_context(),
         )
         if self.config.heartbeat_interval > 0:
             self._heartbeat = self._loop.create_task(self._heartbeat_loop())
@@ -250,13 +252,21 @@ class Server:
             return self.config.port
         return int(self._server.sockets[0].getsockname()[1])
 
+    def _tls_context(self) -> ssl.SSLContext | None:
+        if not self.config.tls_cert:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.config.tls_cert, self.config.tls_key or None)
+        return context
+
     @property
     def url(self) -> str:
-        """``ws://host:port`` of this server."""
+        """``ws://host:port`` (``wss://`` with TLS) of this server."""
         host = self.config.host or "127.0.0.1"
         if ":" in host:
             host = f"[{host}]"
-        return f"ws://{host}:{self.port}"
+        scheme = "wss" if self.config.tls_cert else "ws"
+        return f"{scheme}://{host}:{self.port}"
 
     def on(self, event: str, handler: Callable[..., Any] | None = None) -> Any:
         """Listen for a server event: subscribe(topic, client_id),
