@@ -23,12 +23,12 @@ import shutil
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 import pytest
 import redis.asyncio as aioredis
 import websockets
+from tests import wsclient
 from tests.procs import TIME_SCALE, ServerProcess
 
 WAIT = 10.0 * TIME_SCALE
@@ -160,30 +160,8 @@ async def eventually(
 
 async def http_get(url: str, path: str) -> tuple[int, Any]:
     """GET ``path`` from the server of ws ``url``; (status, decoded JSON body)."""
-    parts = urlsplit(url)
-    assert parts.hostname is not None
-    assert parts.port is not None
-    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-    try:
-        writer.write(
-            f"GET {path} HTTP/1.1\r\nHost: {parts.hostname}\r\nConnection: close\r\n\r\n".encode()
-        )
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
-        status = int(head.split(b" ", 2)[1])
-        length = None
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        if length is None:
-            body = await asyncio.wait_for(reader.read(), WAIT)
-        else:
-            body = await asyncio.wait_for(reader.readexactly(length), WAIT)
-        return status, orjson.loads(body)
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+    status, body = await wsclient.http_get(url, path)
+    return status, orjson.loads(body)
 
 
 async def backplane_status(url: str) -> dict[str, Any]:
