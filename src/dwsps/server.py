@@ -47,7 +47,7 @@ from dwsps.messages import (
     parse_request,
 )
 from dwsps.peering import PeerManager
-from dwsps.topics import SubscriptionTrie
+from dwsps.topics import SubscriptionTrie, validate
 
 log = logging.getLogger("dwsps.server")
 _WS_LOG = logging.LoggerAdapter(logging.getLogger("picows.dwsps.ws"), {})
@@ -296,8 +296,6 @@ class Server:
 
     def publish(self, topic: str, message: Any = None) -> int:
         """Publish from the embedding code, as an organic publish; return local deliveries."""
-        from dwsps.topics import validate
-
         validate(topic, subscription=False, limits=self._topic_limits)
         return self.route(Publish(topic, message, self.clock.now()), None)
 
