@@ -18,8 +18,7 @@ from websockets.asyncio.server import ServerConnection, serve
 
 import dwsps
 from dwsps import AckTimeout, Client, ConnectionClosed, Server
-from dwsps.client import ConnectionLost
-from dwsps.errors import InvalidTopicError, TooManySubscriptionsError
+from dwsps.errors import ConnectionLost, InvalidTopicError, TooManySubscriptionsError
 from tests.procs import TIME_SCALE
 
 T = TypeVar("T")

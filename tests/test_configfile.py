@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from dwsps.config import ServerConfig
-from dwsps.configfile import ConfigError, build_config, load_env, load_toml
+from dwsps.configfile import build_config, load_env, load_toml
+from dwsps.errors import ConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:

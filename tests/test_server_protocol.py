@@ -13,7 +13,7 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 
 from dwsps import Server
-from dwsps.topics import TopicError
+from dwsps.errors import TopicError
 from tests.conftest import ClientFactory, ServerFactory
 from tests.wsclient import (
     DEFAULT_TIMEOUT,

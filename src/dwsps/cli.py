@@ -23,8 +23,8 @@ import orjson
 
 from dwsps import benchmark
 from dwsps.client import Client
-from dwsps.configfile import ConfigError, build_config
-from dwsps.errors import DwspsError, RequestError
+from dwsps.configfile import build_config
+from dwsps.errors import ConfigError, DwspsError, RequestError
 from dwsps.server import Server
 
 DEFAULT_URL = "ws://127.0.0.1:8000"

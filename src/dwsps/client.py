@@ -58,14 +58,16 @@ from dwsps.errors import (
     AckTimeout,
     CloseCode,
     ConnectionClosed,
+    ConnectionLost,
     ErrorCode,
     InvalidTopicError,
     RequestError,
+    TopicError,
     request_error,
 )
 from dwsps.events import Events
 from dwsps.messages import Clock, encode_request
-from dwsps.topics import TopicError, TopicLimits, validate
+from dwsps.topics import TopicLimits, validate
 
 log = logging.getLogger("dwsps.client")
 
@@ -94,13 +96,6 @@ the next connection would be rejected the same way."""
 # The server enforces its own (configurable) limits; the client only checks shape.
 _NO_LIMITS: Final = TopicLimits(max_length=1 << 30, max_levels=1 << 30)
 _MIB: Final = 1024 * 1024
-
-
-class ConnectionLost(ConnectionClosed):
-    """The connection dropped while a publish awaited its ack.
-
-    The publish may or may not have been delivered, so it is not sent again.
-    """
 
 
 class _Lost(Exception):

@@ -31,12 +31,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from dwsps.config import ServerConfig
+from dwsps.errors import ConfigError
 
 ENV_PREFIX: Final = "DWSPS_"
-
-
-class ConfigError(ValueError):
-    """A configuration source holds something invalid; the message names it."""
 
 
 def _field_types() -> dict[str, Any]:

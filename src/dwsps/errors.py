@@ -7,8 +7,15 @@ are exceptions. Every code and close code the project uses is listed here::
     ├── ProtocolError          the peer sent something invalid (server side)
     ├── RequestError           the server answered a request with an error (client side)
     │   └── ... one subclass per ErrorCode, see REQUEST_ERRORS
-    ├── AckTimeout             no reply to a request in time (client side)
-    └── ConnectionClosed       the connection is gone (client side)
+    ├── AckTimeout             no reply to a request in time (client side; also a TimeoutError)
+    ├── ConnectionClosed       the connection is gone (client side; also a ConnectionError)
+    │   └── ConnectionLost     it went while a publish awaited its ack (maybe delivered)
+    ├── TopicError             a topic breaks the topic rules (also a ValueError)
+    ├── ConfigError            a configuration source holds something invalid (also a ValueError)
+    └── EnvelopeError          a backplane message is not a dwsps envelope (also a ValueError)
+
+The ``ValueError`` / ``TimeoutError`` / ``ConnectionError`` bases let callers that
+do not know dwsps catch what they would expect.
 """
 
 from __future__ import annotations
@@ -133,3 +140,22 @@ class AckTimeout(DwspsError, TimeoutError):
 
 class ConnectionClosed(DwspsError, ConnectionError):
     """The connection closed before the request was answered."""
+
+
+class ConnectionLost(ConnectionClosed):
+    """The connection dropped while a publish awaited its ack.
+
+    The publish may or may not have been delivered, so it is not sent again.
+    """
+
+
+class TopicError(DwspsError, ValueError):
+    """A topic broke the rules; the message says how."""
+
+
+class ConfigError(DwspsError, ValueError):
+    """A configuration source holds something invalid; the message names the source and key."""
+
+
+class EnvelopeError(DwspsError, ValueError):
+    """A backplane message that is not a valid envelope."""

@@ -16,8 +16,8 @@ from typing import Any, Final
 
 import orjson
 
-from dwsps.errors import ErrorCode, ProtocolError
-from dwsps.topics import DEFAULT_LIMITS, TopicError, TopicLimits, validate
+from dwsps.errors import ErrorCode, ProtocolError, TopicError
+from dwsps.topics import DEFAULT_LIMITS, TopicLimits, validate
 
 MAX_ID_LENGTH: Final = 64
 

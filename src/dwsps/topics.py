@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from dwsps.errors import TopicError
+
 WILDCARD = "*"
 
 # Whitespace and control characters (C0, DEL, C1, Unicode spaces and separators).
@@ -32,10 +34,6 @@ class TopicLimits:
 
 
 DEFAULT_LIMITS = TopicLimits()
-
-
-class TopicError(ValueError):
-    """A topic broke the rules; the message says how."""
 
 
 def validate(topic: object, *, subscription: bool, limits: TopicLimits = DEFAULT_LIMITS) -> str:

@@ -29,13 +29,11 @@ from typing import Any, Final
 
 import orjson
 
+from dwsps.errors import EnvelopeError
+
 VERSION: Final = 1
 ALL: Final = "*"
 """The interest key meaning "every channel" (a subscription whose first level is ``*``)."""
-
-
-class EnvelopeError(ValueError):
-    """A backplane message that is not a valid envelope."""
 
 
 def channel_key(topic: str) -> str:

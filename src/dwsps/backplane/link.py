@@ -42,6 +42,7 @@ import orjson
 from dwsps.backplane import ALL, Backplane, BackplaneOptions, create_backplane
 from dwsps.backplane import envelope as env
 from dwsps.backplane.interest import InterestCounter
+from dwsps.errors import EnvelopeError
 from dwsps.messages import Publish
 
 if TYPE_CHECKING:
@@ -141,7 +142,7 @@ class BackplaneLink:
         """Handle one envelope from the backplane."""
         try:
             e = env.decode(payload)
-        except env.EnvelopeError as exc:
+        except EnvelopeError as exc:
             self.invalid += 1
             log.warning("ignoring a backplane message that is not a dwsps envelope: %s", exc)
             return
