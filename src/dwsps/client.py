@@ -26,7 +26,8 @@ Deliveries
 
 Reconnection
     When the connection drops, the client reconnects with exponential backoff
-    and full jitter (``uniform(0, min(backoff_max, backoff_initial * 2**n))``),
+    and full jitter (:mod:`dwsps.backoff`: ``uniform(0, min(backoff_max,
+    backoff_initial * 2**n))``),
     re-subscribes every held subscription, then emits ``reconnect``. Requests
     made meanwhile wait for the reconnection within their own timeout. An
     in-flight subscribe or unsubscribe is sent again (both are idempotent); an
@@ -42,7 +43,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import random
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -54,6 +54,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
+from dwsps.backoff import Backoff
 from dwsps.errors import (
     AckTimeout,
     CloseCode,
@@ -598,21 +599,19 @@ class Client:
             self._reconnect_task = asyncio.create_task(self._reconnect_loop())
 
     async def _reconnect_loop(self) -> None:
-        failures = 0
+        backoff = Backoff(self.backoff_initial, self.backoff_max)
         while not (self._closing or self._closed):
             limit = self.max_reconnect_attempts
+            failures = backoff.attempt
             if limit is not None and failures >= limit:
                 log.warning("giving up on %s after %d reconnect attempts", self.url, failures)
                 self._finish(1006, f"gave up after {failures} reconnect attempts")
                 return
-            # Full jitter: spreads a crowd of clients over the whole window.
-            bound = min(self.backoff_max, self.backoff_initial * 2 ** min(failures, 32))
-            await asyncio.sleep(random.uniform(0, bound))
-            failures += 1
+            await asyncio.sleep(backoff.next_delay())
             try:
                 ws = await self._open()
             except ConnectionClosed as exc:
-                log.debug("reconnect attempt %d failed: %s", failures, exc)
+                log.debug("reconnect attempt %d failed: %s", backoff.attempt, exc)
                 continue
             self._attach(ws)
             try:

@@ -1,18 +1,28 @@
-"""One client connection on the server: frame assembly and the single write path.
+"""One client connection on the server: frame assembly and the only write path.
 
 picows parses frames and handles the handshake, control-frame rules and frame
-size (close 1009). This module adds what picows leaves to the application:
-RSV-bit checks (no extensions, so 1002), pongs, reassembly of fragmented
-messages, UTF-8 checks (close 1007), ignoring input once the connection has
-failed, and the close handshake; and it owns the connection's only outbound
-path, where writes are coalesced per event-loop turn and the slow-consumer
-decision is made.
+size (close 1009). A :class:`Connection` adds what picows leaves to the
+application: RSV-bit checks (no extensions, so 1002), pongs, reassembly of
+fragmented messages, UTF-8 checks (close 1007, in the hub), ignoring input
+once the connection has failed, and the close handshake. Complete messages go
+to its :class:`ConnectionHost` (the hub), which never writes to the socket
+itself.
+
+Every byte the server sends a client goes through :meth:`Connection.send`:
+frames are queued and leave in one write per connection at the end of the
+loop turn (:class:`Writer`), where the slow-consumer decision is made. The
+:class:`Writer` is the one scheduler all connections of a server share; it
+also queues the fan-out batches the router plans (``dwsps.router``), and
+closes the open batch before anything else is queued for one of its members,
+so each connection sees its frames in order.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 from picows import (
@@ -26,11 +36,7 @@ from picows import (
 )
 
 from dwsps.errors import CloseCode
-
-if TYPE_CHECKING:
-    import asyncio
-
-    from dwsps.server import Server
+from dwsps.router import Batch
 
 log = logging.getLogger("dwsps.server")
 
@@ -39,11 +45,114 @@ _WS_CLOSE: dict[int, WSCloseCode] = {c.value: c for c in WSCloseCode}
 _ABORT_AFTER_CLOSE = 1.0
 
 
+class ConnectionHost(Protocol):
+    """What a connection tells the server (the hub) about its life and its input."""
+
+    def connection_opened(self, conn: Connection) -> None:
+        """The WebSocket handshake completed."""
+
+    def connection_closed(self, conn: Connection) -> None:
+        """The connection is gone (after any close handshake)."""
+
+    def text_received(self, conn: Connection, data: bytes) -> None:
+        """A complete text message arrived (not yet checked for UTF-8)."""
+
+    def binary_received(self, conn: Connection) -> None:
+        """A complete binary message arrived (its content is not kept)."""
+
+    def slow_consumer(self, conn: Connection) -> None:
+        """The connection is being closed for falling behind (1013)."""
+
+
+class BatchPlanner(Protocol):
+    """The part of the router the write path needs: closing open fan-out batches."""
+
+    @property
+    def open_batch(self) -> Batch[Connection] | None:
+        """The batch being filled, if any (read only)."""
+
+    def release(self, member: Connection) -> Batch[Connection] | None:
+        """Close and return the open batch if ``member`` is in it."""
+
+    def close_batch(self) -> Batch[Connection] | None:
+        """Close and return the open batch."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """Bounds every connection of a server enforces."""
+
+    max_message_size: int
+    """Largest incoming message (fragments added up); more closes with 1009."""
+    max_outbound_buffer: int
+    """Unsent bytes past which a connection is closed as a slow consumer (1013)."""
+
+
+class Writer:
+    """Schedules the writes of all connections: one write per connection per loop turn.
+
+    Connections with something queued are *dirty*; at the end of the loop turn
+    (``call_soon``) the open fan-out batch is closed and queued, then every
+    dirty connection flushes once.
+    """
+
+    __slots__ = ("_dirty", "_scheduled", "loop", "planner")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, planner: BatchPlanner) -> None:
+        self.loop = loop
+        self.planner = planner
+        self._dirty: list[Connection] = []
+        self._scheduled = False
+
+    def queue_batch(self, batch: Batch[Connection]) -> None:
+        """Queue a closed batch's frames, joined once, on each of its members."""
+        data = batch.data()
+        dirty = self._dirty
+        for conn in batch.members:
+            # Connection.send inlined, without the batch check: this is the batch.
+            pending = conn.pending
+            if pending is None:
+                if conn.closing:
+                    continue
+                conn.pending = [data]
+                dirty.append(conn)
+            else:
+                pending.append(data)
+
+    def mark_dirty(self, conn: Connection) -> None:
+        """``conn`` has data queued: flush it at the end of this loop turn."""
+        self._dirty.append(conn)
+        self.schedule()
+
+    def schedule(self) -> None:
+        """Make sure a flush runs at the end of this loop turn."""
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def release(self, conn: Connection) -> None:
+        """Queue the open batch first if ``conn`` is in it (its frames come before)."""
+        batch = self.planner.release(conn)
+        if batch is not None:
+            self.queue_batch(batch)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        batch = self.planner.close_batch()
+        if batch is not None:
+            self.queue_batch(batch)
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            conn.flush()
+
+
 class Connection(WSListener):
     """Server-side state of one WebSocket client.
 
     Kept small on purpose (``__slots__``, lazily created containers): idle
-    connections are the bulk of a busy server's memory.
+    connections are the bulk of a busy server's memory. ``invalid_streak``
+    and ``is_peer`` are the hub's per-connection state, kept here to save a
+    lookup per request.
     """
 
     __slots__ = (
@@ -52,22 +161,31 @@ class Connection(WSListener):
         "closing",
         "frag",
         "frag_binary",
+        "host",
         "invalid_streak",
         "is_peer",
+        "limits",
         "pending",
         "raw",
-        "server",
-        "subscriptions",
         "transport",
+        "writer",
     )
 
-    def __init__(self, server: Server, client_id: str, is_peer: bool) -> None:
-        self.server = server
+    def __init__(
+        self,
+        host: ConnectionHost,
+        writer: Writer,
+        limits: ConnectionLimits,
+        client_id: str,
+        is_peer: bool,
+    ) -> None:
+        self.host = host
+        self.writer = writer
+        self.limits = limits
         self.client_id = client_id
         self.is_peer = is_peer
         self.transport: WSTransport | None = None
         self.raw: asyncio.Transport | None = None
-        self.subscriptions: set[str] | None = None
         self.pending: list[bytes] | None = None
         self.frag: bytearray | None = None
         self.frag_binary = False
@@ -88,12 +206,12 @@ class Connection(WSListener):
         # the handshake (the listener factory has seen the request already).
         _drop_headers(transport.request)
         _drop_headers(transport.response)
-        self.server._connected(self)
+        self.host.connection_opened(self)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.closing = True
         self.pending = None
-        self.server._disconnected(self)
+        self.host.connection_closed(self)
 
     def pause_writing(self) -> None:
         # The slow-consumer check reads the buffer size at every flush.
@@ -115,7 +233,7 @@ class Connection(WSListener):
             self.fail(CloseCode.PROTOCOL_ERROR, "reserved bits set without an extension")
             return
         if msg_type is WSMsgType.TEXT and frame.fin and self.frag is None:
-            self.server._request(self, frame.get_payload_as_bytes())
+            self.host.text_received(self, frame.get_payload_as_bytes())
         elif msg_type is WSMsgType.PONG:
             self.awaiting_pong = False
         elif msg_type is WSMsgType.PING:
@@ -134,7 +252,7 @@ class Connection(WSListener):
             if self.frag is None:
                 self.fail(CloseCode.PROTOCOL_ERROR, "continuation frame without a start")
                 return
-            if len(self.frag) + frame.payload_size > self.server.config.max_frame_size:
+            if len(self.frag) + frame.payload_size > self.limits.max_message_size:
                 self.fail(CloseCode.MESSAGE_TOO_BIG, "fragmented message too big")
                 return
             # Binary fragments are kept too, only to bound the message's size.
@@ -153,9 +271,9 @@ class Connection(WSListener):
         binary = self.frag_binary
         self.frag = None
         if binary:
-            self.server._binary(self)
+            self.host.binary_received(self)
         else:
-            self.server._request(self, data)
+            self.host.text_received(self, data)
 
     def _on_close_frame(self, frame: WSFrame) -> None:
         transport = self.transport
@@ -174,22 +292,20 @@ class Connection(WSListener):
         """Queue one pre-encoded frame; it goes out with the rest at the end of this turn."""
         if self.closing:
             return
-        batch = self.server._batch
+        writer = self.writer
+        batch = writer.planner.open_batch
         if batch is not None and self in batch.members:
-            self.server._close_batch()  # deliveries queued before this go first
+            writer.release(self)  # deliveries planned before this go first
         pending = self.pending
         if pending is None:
             self.pending = [data]
-            self.server._dirty.append(self)
-            self.server._schedule_flush()
+            writer.mark_dirty(self)
         else:
             pending.append(data)
 
     def flush(self) -> None:
         """Write everything queued in one call; close the connection if it is too far behind."""
-        batch = self.server._batch
-        if batch is not None and self in batch.members:
-            self.server._close_batch()
+        self.writer.release(self)
         pending = self.pending
         if pending is None:
             return
@@ -198,8 +314,8 @@ class Connection(WSListener):
         if raw is None or self.closing:
             return
         raw.write(pending[0] if len(pending) == 1 else b"".join(pending))
-        if raw.get_write_buffer_size() > self.server.config.max_outbound_buffer:
-            self.server.stats.slow_consumers += 1
+        if raw.get_write_buffer_size() > self.limits.max_outbound_buffer:
+            self.host.slow_consumer(self)
             log.warning("closing slow consumer %s", self.client_id)
             self.fail(CloseCode.TRY_AGAIN_LATER, "slow consumer: outbound buffer over the limit")
 
@@ -220,8 +336,24 @@ class Connection(WSListener):
         # The close frame may sit behind a full buffer; do not wait on the peer.
         raw = self.raw
         if raw is not None:
-            self.server._loop.call_later(_ABORT_AFTER_CLOSE, raw.abort)
+            self.writer.loop.call_later(_ABORT_AFTER_CLOSE, raw.abort)
         transport.disconnect()
+
+    def go_away(self) -> bool:
+        """Server shutdown: flush, send 1001 and stop acting on input; False if already gone."""
+        transport = self.transport
+        if transport is None:
+            return False
+        self.flush()
+        if not transport.is_close_frame_sent:
+            transport.send_close(WSCloseCode.GOING_AWAY, b"server shutting down")
+        self.closing = True
+        return True
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is gone."""
+        if self.transport is not None:
+            await self.transport.wait_disconnected()
 
     def ping(self) -> bool:
         """Heartbeat tick: ping, or report (False) that the last ping went unanswered."""

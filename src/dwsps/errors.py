@@ -10,6 +10,7 @@ are exceptions. Every code and close code the project uses is listed here::
     ├── AckTimeout             no reply to a request in time (client side; also a TimeoutError)
     ├── ConnectionClosed       the connection is gone (client side; also a ConnectionError)
     │   └── ConnectionLost     it went while a publish awaited its ack (maybe delivered)
+    ├── SubscriptionLimitError a subscriber holds as many subscriptions as it may (server side)
     ├── TopicError             a topic breaks the topic rules (also a ValueError)
     ├── ConfigError            a configuration source holds something invalid (also a ValueError)
     └── EnvelopeError          a backplane message is not a dwsps envelope (also a ValueError)
@@ -159,3 +160,11 @@ class ConfigError(DwspsError, ValueError):
 
 class EnvelopeError(DwspsError, ValueError):
     """A backplane message that is not a valid envelope."""
+
+
+class SubscriptionLimitError(DwspsError):
+    """A subscriber is at its subscription limit (the server replies ``too_many_subscriptions``)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"at most {limit} subscriptions per connection")
+        self.limit = limit

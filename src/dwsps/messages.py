@@ -1,5 +1,8 @@
 """Requests and replies: parse and validate at the edge, encode once (pure: no I/O).
 
+Everything that goes on the wire is built here: replies and deliveries (the
+server), requests (the client), and the publishes a peer link forwards.
+
 Parsing turns one text frame into a typed request or raises
 :class:`~dwsps.errors.ProtocolError` carrying the error code for the reply.
 Encoding builds reply bytes with orjson; a delivery is built so that the
@@ -234,5 +237,30 @@ class DeliveryEncoder:
 
 
 def encode_request(obj: dict[str, Any]) -> bytes:
-    """Encode a client request object (the client and peer links use this)."""
+    """Encode a client request object (the client uses this)."""
     return orjson.dumps(obj)
+
+
+def encode_forward_head(pub: Publish) -> bytes:
+    """The ``publish`` request a peer link forwards, without its ``id`` and closing brace.
+
+    Built once per publish and shared by every peer link; each link completes
+    it with its own id (:func:`with_link_id`). The identity fields ``origin``
+    and ``seq`` (extensions) let a dwsps peer drop a resent copy.
+    """
+    obj: dict[str, Any] = {
+        "type": "publish",
+        "topic": pub.topic,
+        "message": pub.message,
+        "timestamp": pub.timestamp,
+        "fromPeerServer": True,
+    }
+    if pub.origin is not None and pub.seq is not None:
+        obj["origin"] = pub.origin
+        obj["seq"] = pub.seq
+    return orjson.dumps(obj)[:-1]
+
+
+def with_link_id(head: bytes, link_seq: int) -> bytes:
+    """Complete a head from :func:`encode_forward_head` with ``"id": link_seq``."""
+    return b'%b,"id":%d}' % (head, link_seq)

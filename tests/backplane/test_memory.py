@@ -11,8 +11,8 @@ import pytest
 from tests.backplane.conftest import ClientFactory, eventually
 
 from dwsps import Server
-from dwsps.backplane import envelope as env
-from dwsps.backplane.memory import hub
+from dwsps.links import envelope as env
+from dwsps.links.memory import hub
 
 MakeServer = Callable[..., Awaitable[Server]]
 
@@ -132,9 +132,9 @@ async def test_peer_flag_travels_and_peer_publishes_go_on_the_backplane(
 
 async def test_health_reports_backplane(make_server: MakeServer, hub_url: str) -> None:
     srv = await make_server(backplane=hub_url)
-    code, body, _ = srv._http_routes["/health"]()
-    health = orjson.loads(body)
-    assert code == 200
+    answer = srv.http.get("/health")
+    health = orjson.loads(answer.body)
+    assert answer.status == 200
     assert health["status"] == "ok"
     assert health["backplane"]["state"] == "up"
 

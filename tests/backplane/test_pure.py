@@ -5,11 +5,13 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from dwsps.backplane import BackplaneOptions, create_backplane, redact
-from dwsps.backplane import envelope as env
-from dwsps.backplane.interest import InterestCounter
-from dwsps.backplane.memory import MemoryBackplane
-from dwsps.backplane.redis import RedisBackplane
+from dwsps.errors import EnvelopeError
+from dwsps.interest import InterestCounter
+from dwsps.links import envelope as env
+from dwsps.links.backplane import BackplaneOptions, create_backplane
+from dwsps.links.memory import MemoryBackplane
+from dwsps.links.redis import RedisBackplane
+from dwsps.redact import redact
 
 OPTS = BackplaneOptions("me")
 
@@ -50,7 +52,7 @@ def test_envelope_without_identity_or_peer_flag() -> None:
     ],
 )
 def test_envelope_rejects_junk(payload: bytes) -> None:
-    with pytest.raises(env.EnvelopeError):
+    with pytest.raises(EnvelopeError):
         env.decode(payload)
 
 
@@ -91,7 +93,7 @@ def test_factory_by_scheme() -> None:
     assert named.shared
     assert isinstance(create_backplane("redis://127.0.0.1:1/0", OPTS), RedisBackplane)
     assert isinstance(create_backplane("rediss://127.0.0.1:1/0", OPTS), RedisBackplane)
-    with pytest.raises(ValueError, match="unknown backplane scheme 'nats'"):
+    with pytest.raises(ValueError, match="unknown scheme 'nats'"):
         create_backplane("nats://127.0.0.1:4222", OPTS)
 
 

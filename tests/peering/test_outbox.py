@@ -7,8 +7,10 @@ import random
 import orjson
 import pytest
 
-from dwsps.messages import Publish, parse_request
-from dwsps.peering import Outbox, backoff_delay, encode_forward_head, redact, with_link_id
+from dwsps.backoff import Backoff
+from dwsps.links.peering import PeerOutbox as Outbox
+from dwsps.messages import Publish, encode_forward_head, parse_request, with_link_id
+from dwsps.redact import redact
 
 
 def head(n: int) -> bytes:
@@ -142,9 +144,13 @@ def test_reject_oldest_in_flight() -> None:
 @pytest.mark.parametrize("attempt", [0, 1, 3, 10, 1000])
 def test_backoff_is_bounded_and_jittered(attempt: int) -> None:
     rng = random.Random(1)
-    delays = [backoff_delay(attempt, 0.1, 5.0, rng) for _ in range(200)]
+    delays = []
+    for _ in range(200):
+        backoff = Backoff(0.1, 5.0, rng)
+        backoff.attempt = attempt
+        delays.append(backoff.next_delay())
     cap = min(5.0, 0.1 * 2**attempt)
-    assert all(0.1 <= d <= cap + 1e-9 for d in delays)
+    assert all(0 <= d <= cap + 1e-9 for d in delays)
     if attempt > 0:
         assert len({round(d, 6) for d in delays}) > 100  # jitter spreads them
 

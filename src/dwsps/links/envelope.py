@@ -30,18 +30,11 @@ from typing import Any, Final
 import orjson
 
 from dwsps.errors import EnvelopeError
+from dwsps.interest import ALL, channel_key
+
+__all__ = ["ALL", "Envelope", "channel_key", "decode", "encode"]
 
 VERSION: Final = 1
-ALL: Final = "*"
-"""The interest key meaning "every channel" (a subscription whose first level is ``*``)."""
-
-
-def channel_key(topic: str) -> str:
-    """The backplane channel key of a topic or subscription: its first level.
-
-    A subscription whose first level is ``*`` gets :data:`ALL`.
-    """
-    return topic.partition(".")[0]
 
 
 @dataclass(slots=True)

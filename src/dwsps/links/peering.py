@@ -3,10 +3,11 @@
 A server configured with peer URLs keeps one outbound WebSocket connection
 (a :class:`PeerLink`) per URL. There it behaves as an ordinary dwsps client: it
 sends ``publish`` requests carrying ``"fromPeerServer": true`` and reads the
-replies. :class:`PeerManager` is the server's forwarder: it encodes each
-organic publish once and hands it to every link.
+replies. :class:`PeerLinks` is the server's :class:`~dwsps.links.Link` to its
+peers: it encodes each organic publish once and hands it to every link.
 
-How a link keeps its promises (the rules :class:`Outbox` enforces, no I/O):
+How a link keeps its promises (the rules :class:`PeerOutbox` enforces on top
+of the shared :class:`~dwsps.outbox.Outbox`, no I/O):
 
 * Every forwarded publish gets a link sequence number, sent as the request
   ``id``; numbers grow by one and never restart while the server runs.
@@ -24,9 +25,13 @@ How a link keeps its promises (the rules :class:`Outbox` enforces, no I/O):
   written, ``forgotten`` if they were written but not yet confirmed (they may
   well have arrived). Both are counted per link and logged.
 
-The link reconnects forever with exponential backoff and full jitter between
-``peer_reconnect_min`` and ``peer_reconnect_max`` seconds, and pings the peer
-to notice a connection that died without a FIN.
+The link reconnects forever with exponential backoff and full jitter
+(:mod:`dwsps.backoff`, ``peer_reconnect_min`` doubling up to
+``peer_reconnect_max`` seconds), and pings the peer to notice a connection
+that died without a FIN.
+
+Inbound, :class:`PeerAuth` tells whether a connecting client is an
+authenticated peer (it presented one of ``accept_peer_tokens``).
 """
 
 from __future__ import annotations
@@ -34,23 +39,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
+import secrets
 import socket
 import time
 from collections import deque
-from dataclasses import dataclass, fields
+from collections.abc import Iterable
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from typing import Any, Final
+from urllib.parse import parse_qsl
 
 import orjson
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
+from dwsps.backoff import Backoff
+from dwsps.config import ServerConfig
 from dwsps.errors import ErrorCode
-from dwsps.messages import Publish
-
-if TYPE_CHECKING:
-    from dwsps.server import Server
+from dwsps.links import Link, LinkHost
+from dwsps.messages import Publish, encode_forward_head, with_link_id
+from dwsps.outbox import Outbox, OutboxStats
+from dwsps.redact import redact
 
 log = logging.getLogger("dwsps.peering")
 
@@ -78,69 +85,16 @@ class LinkState(StrEnum):
     """The server is shutting down; the link will not reconnect."""
 
 
-# -- wire encoding (pure) ---------------------------------------------------
-
-
-def encode_forward_head(pub: Publish) -> bytes:
-    """The forwarded ``publish`` request, without its ``id`` and closing brace.
-
-    Built once per publish and shared by every link; a link appends its own id
-    with :func:`with_link_id`.
-    """
-    obj: dict[str, Any] = {
-        "type": "publish",
-        "topic": pub.topic,
-        "message": pub.message,
-        "timestamp": pub.timestamp,
-        "fromPeerServer": True,
-    }
-    if pub.origin is not None and pub.seq is not None:
-        obj["origin"] = pub.origin
-        obj["seq"] = pub.seq
-    return orjson.dumps(obj)[:-1]
-
-
-def with_link_id(head: bytes, link_seq: int) -> bytes:
-    """Complete a head from :func:`encode_forward_head` with ``"id": link_seq``."""
-    return b'%b,"id":%d}' % (head, link_seq)
-
-
-def redact(url: str) -> str:
-    """``url`` with a ``peer_token`` query parameter masked, for logs and status."""
-    parts = urlsplit(url)
-    if "peer_token" not in parts.query:
-        return url
-    query = [(k, "***" if k == "peer_token" else v) for k, v in parse_qsl(parts.query, True)]
-    return urlunsplit(parts._replace(query=urlencode(query)))
-
-
 # -- the outbox (pure) --------------------------------------------------------
 
 
-@dataclass(slots=True)
-class OutboxStats:
-    """Per-link counters (messages)."""
-
-    queued: int = 0
-    """Publishes handed to the link."""
-    sent: int = 0
-    """First writes of a publish."""
-    resent: int = 0
-    """Writes of a publish already written on an earlier connection."""
-    confirmed: int = 0
-    """Publishes the peer acknowledged."""
-    rejected: int = 0
-    """Publishes the peer answered with an error (not retried)."""
-    dropped: int = 0
-    """Evicted by the outbox bound before ever being written: lost for this peer."""
-    forgotten: int = 0
-    """Evicted by the outbox bound after being written, before a reply: not resent."""
-
-
-class Outbox:
+class PeerOutbox:
     """Publishes for one peer that it has not confirmed yet, oldest first.
 
-    >>> box = Outbox(max_messages=2, max_bytes=1 << 20)
+    An :class:`~dwsps.outbox.Outbox` of ``(link seq, frame)`` plus the
+    alignment of replies to requests.
+
+    >>> box = PeerOutbox(max_messages=2, max_bytes=1 << 20)
     >>> box.add(b'{"type":"publish"')
     0
     >>> [f.decode() for f in box.take_unsent(10)]
@@ -149,96 +103,57 @@ class Outbox:
     1
     """
 
-    __slots__ = (
-        "_awaiting",
-        "_bytes",
-        "_entries",
-        "_max_bytes",
-        "_max_messages",
-        "_max_written",
-        "_next_seq",
-        "_written",
-        "stats",
-    )
+    __slots__ = ("_awaiting", "_box", "_max_messages", "_next_seq")
 
     def __init__(self, max_messages: int, max_bytes: int) -> None:
+        self._box: Outbox[tuple[int, bytes]] = Outbox(max_messages, max_bytes)
         self._max_messages = max(1, max_messages)
-        self._max_bytes = max(1, max_bytes)
-        self._entries: deque[tuple[int, bytes]] = deque()
-        # How many entries, from the front, were written on the current connection.
-        self._written = 0
         # Link seqs written on the current connection whose reply has not come,
         # in write order: lines up replies that carry no id.
         self._awaiting: deque[int] = deque()
-        self._bytes = 0
         self._next_seq = 1
-        self._max_written = 0
-        self.stats = OutboxStats()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._box)
+
+    @property
+    def stats(self) -> OutboxStats:
+        """The counters of the underlying outbox."""
+        return self._box.stats
 
     @property
     def size(self) -> int:
         """Size of the held frames."""
-        return self._bytes
+        return self._box.size
 
     @property
     def in_flight(self) -> int:
         """Held publishes written on the current connection, reply pending."""
-        return self._written
+        return self._box.in_flight
 
     @property
     def unsent(self) -> int:
         """Held publishes not written on the current connection."""
-        return len(self._entries) - self._written
+        return self._box.unsent
 
     def add(self, head: bytes) -> int:
-        """Queue a publish (see :func:`encode_forward_head`); return how many were evicted."""
+        """Queue a publish (see :func:`~dwsps.messages.encode_forward_head`); return evictions."""
         seq = self._next_seq
         self._next_seq = seq + 1
         frame = with_link_id(head, seq)
-        self._entries.append((seq, frame))
-        self._bytes += len(frame)
-        self.stats.queued += 1
-        evicted = 0
-        while len(self._entries) > self._max_messages or self._bytes > self._max_bytes:
-            _, old = self._entries.popleft()
-            self._bytes -= len(old)
-            evicted += 1
-            if self._written:
-                self._written -= 1
-                self.stats.forgotten += 1
-            else:
-                self.stats.dropped += 1
-        return evicted
+        return self._box.add((seq, frame), len(frame))
 
     def take_unsent(self, limit: int) -> list[bytes]:
         """Mark up to ``limit`` unwritten publishes as written; return their frames in order."""
-        start = self._written
-        stop = min(len(self._entries), start + limit)
-        if start >= stop:
-            return []
-        entries = self._entries
-        frames = []
-        stats = self.stats
+        entries = self._box.take_unsent(limit)
         awaiting = self._awaiting
-        for i in range(start, stop):
-            seq, frame = entries[i]
-            frames.append(frame)
-            awaiting.append(seq)
-            if seq <= self._max_written:
-                stats.resent += 1
-            else:
-                stats.sent += 1
-                self._max_written = seq
-        self._written = stop
+        awaiting.extend(seq for seq, _ in entries)
         # A peer that never replies must not grow this without bound; the
         # alignment it gives is lost anyway. (Room for twice the outbox: seqs
         # of written entries evicted from a full outbox still await replies.)
         while len(awaiting) > 2 * self._max_messages + 1024:
             awaiting.popleft()
-        return frames
+        return [frame for _, frame in entries]
 
     def settle(self, reply_id: object, ok: bool) -> int | None:
         """Apply one ``ack`` (``ok``) or ``error`` reply to a publish.
@@ -259,43 +174,59 @@ class Outbox:
         else:
             # No id (an original server): replies come in request order.
             upto = awaiting.popleft()
-        entries = self._entries
-        stats = self.stats
-        while entries and entries[0][0] <= upto and self._written:
-            seq, frame = entries.popleft()
-            self._written -= 1
-            self._bytes -= len(frame)
-            if seq == upto and not ok:
-                stats.rejected += 1
-            else:
-                stats.confirmed += 1
+        box = self._box
+        while (entry := box.oldest_written()) is not None and entry[0] <= upto:
+            box.confirm(ok or entry[0] != upto)
         return upto
 
     def reject_oldest_in_flight(self) -> bool:
         """Give up on the oldest written publish (the peer closed on it, e.g. with 1009)."""
-        if not self._written:
+        if self._box.confirm(ok=False) is None:
             return False
-        _, frame = self._entries.popleft()
-        self._written -= 1
-        self._bytes -= len(frame)
-        self.stats.rejected += 1
         if self._awaiting:
             self._awaiting.popleft()
         return True
 
     def connection_lost(self) -> None:
         """The connection is gone: everything held is unwritten again (resent next time)."""
-        self._written = 0
+        self._box.rewind()
         self._awaiting.clear()
 
     def clear(self) -> int:
         """Forget everything held (shutdown); return how many."""
-        n = len(self._entries)
-        self._entries.clear()
         self._awaiting.clear()
-        self._written = 0
-        self._bytes = 0
-        return n
+        return self._box.clear()
+
+
+class PeerAuth:
+    """Inbound: whether a connecting client is an authenticated peer.
+
+    A peer presents its token as ``Authorization: Bearer <token>`` or as the
+    query parameter ``peer_token``; tokens are compared in constant time.
+    """
+
+    __slots__ = ("_tokens",)
+
+    def __init__(self, tokens: Iterable[str]) -> None:
+        self._tokens = tuple(t for t in tokens if t)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether peer authentication is configured at all."""
+        return bool(self._tokens)
+
+    def accepts(self, authorization: str, query: str) -> bool:
+        """Whether the ``Authorization`` header or the query string carries a known token."""
+        if not self._tokens:
+            return False
+        presented = authorization[7:] if authorization.startswith("Bearer ") else ""
+        if not presented:
+            for key, value in parse_qsl(query, keep_blank_values=True):
+                if key == "peer_token":
+                    presented = value
+        return bool(presented) and any(
+            secrets.compare_digest(presented.encode(), token.encode()) for token in self._tokens
+        )
 
 
 _TCP_CORK: Final = getattr(socket, "TCP_CORK", None)  # Linux only
@@ -321,16 +252,6 @@ def _uncork(sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 0)
 
 
-def backoff_delay(attempt: int, low: float, high: float, rng: random.Random) -> float:
-    """Delay before reconnect ``attempt`` (0-based): exponential, capped, full jitter.
-
-    The cap grows ``low * 2**attempt`` up to ``high``; the delay is uniform in
-    ``[low, cap]`` so that many servers restarting together spread out.
-    """
-    cap = min(high, low * (2 ** min(attempt, 30)))
-    return rng.uniform(low, max(low, cap))
-
-
 # -- the link (asyncio) --------------------------------------------------------
 
 
@@ -341,14 +262,14 @@ class _LinkListener(WSListener):
         self.link = link
 
     def on_ws_connected(self, transport: WSTransport) -> None:
-        self.link._connected(transport)
+        self.link.on_connected(transport)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
-        self.link._disconnected(transport)
+        self.link.on_disconnected(transport)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type is WSMsgType.TEXT and frame.fin:
-            self.link._reply(frame.get_payload_as_bytes())
+            self.link.on_reply(frame.get_payload_as_bytes())
         elif frame.msg_type is WSMsgType.CLOSE:
             if not transport.is_close_frame_sent:
                 code = frame.get_close_code()
@@ -356,23 +277,24 @@ class _LinkListener(WSListener):
             transport.disconnect()
 
     def pause_writing(self) -> None:
-        self.link._paused = True
+        self.link.set_writable(False)
 
     def resume_writing(self) -> None:
-        self.link._paused = False
-        self.link._schedule_flush()
+        self.link.set_writable(True)
 
 
 class PeerLink:
     """One outbound connection to a peer server, with its outbox and reconnect loop."""
 
-    def __init__(self, server: Server, url: str, token: str | None = None) -> None:
-        cfg = server.config
-        self.server = server
+    def __init__(
+        self, config: ServerConfig, host: LinkHost, url: str, token: str | None = None
+    ) -> None:
+        self.config = config
+        self.host = host
         self.url = url
         self.display_url = redact(url)
         self._token = token
-        self.outbox = Outbox(cfg.peer_outbox_messages, cfg.peer_outbox_bytes)
+        self.outbox = PeerOutbox(config.peer_outbox_messages, config.peer_outbox_bytes)
         self.state = LinkState.DOWN
         self.connects = 0
         self.last_error = ""
@@ -382,7 +304,7 @@ class PeerLink:
         self._flush_scheduled = False
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._rng = random.Random()
+        self._backoff = Backoff(config.peer_reconnect_min, config.peer_reconnect_max)
         self._drop_logged = 0
         self._reject_logged = False
         self._refused = False
@@ -477,9 +399,16 @@ class PeerLink:
             if sock is not None:
                 _uncork(sock)
 
+    def set_writable(self, writable: bool) -> None:
+        """Flow control from the transport: stop writing while its buffer is full."""
+        self._paused = not writable
+        if writable:
+            self._schedule_flush()
+
     # -- replies ----------------------------------------------------------------
 
-    def _reply(self, data: bytes) -> None:
+    def on_reply(self, data: bytes) -> None:
+        """A text frame from the peer: the reply to one of our publishes."""
         try:
             reply = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -522,10 +451,9 @@ class PeerLink:
     # -- connection loop ----------------------------------------------------
 
     async def _run(self) -> None:
-        cfg = self.server.config
+        cfg = self.config
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else None
         ping = cfg.heartbeat_interval
-        attempt = 0
         while not self._closing:
             self.state = LinkState.CONNECTING
             try:
@@ -549,24 +477,21 @@ class PeerLink:
                 raise
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}".strip()
-                if error != self.last_error or attempt == 0:
+                if error != self.last_error or self._backoff.attempt == 0:
                     log.info("peer %s: cannot connect (%s); retrying", self.display_url, error)
                 self.last_error = error
             else:
                 started = time.monotonic()
                 await transport.wait_disconnected()
                 if time.monotonic() - started >= _STABLE_AFTER:
-                    attempt = 0
+                    self._backoff.reset()
             if self._closing:
                 break
             self.state = LinkState.DOWN
-            delay = backoff_delay(
-                attempt, cfg.peer_reconnect_min, cfg.peer_reconnect_max, self._rng
-            )
-            attempt += 1
-            await asyncio.sleep(delay)
+            await asyncio.sleep(self._backoff.next_delay())
 
-    def _connected(self, transport: WSTransport) -> None:
+    def on_connected(self, transport: WSTransport) -> None:
+        """A connection to the peer is up: send what the outbox holds."""
         if self._closing:
             transport.disconnect()
             return
@@ -579,10 +504,11 @@ class PeerLink:
         self._refused = False  # last_error stays: the last problem seen, for status
         held = len(self.outbox)
         log.info("peer %s up (%d publishes to send)", self.display_url, held)
-        self.server.events.emit("peer_up", self.display_url)
+        self.host.emit("peer_up", self.display_url)
         self._flush()
 
-    def _disconnected(self, transport: WSTransport) -> None:
+    def on_disconnected(self, transport: WSTransport) -> None:
+        """The connection is gone: keep what was not confirmed for the next one."""
         if transport is not self._transport:
             return
         self._transport = None
@@ -611,7 +537,7 @@ class PeerLink:
             )
         if self._drained is not None:
             self._drained.set()
-        self.server.events.emit("peer_down", self.display_url)
+        self.host.emit("peer_down", self.display_url)
 
     # -- introspection --------------------------------------------------------
 
@@ -628,34 +554,37 @@ class PeerLink:
             "connects": self.connects,
             "last_error": self.last_error,
         }
-        out.update({f.name: getattr(box.stats, f.name) for f in fields(box.stats)})
+        out.update(box.stats.as_dict())
         return out
 
 
-class PeerManager:
-    """The server's forwarder to its peers: one :class:`PeerLink` per configured URL."""
+class PeerLinks(Link):
+    """The server's link to its peers: one :class:`PeerLink` per configured URL."""
 
-    def __init__(self, server: Server) -> None:
-        cfg = server.config
-        self.server = server
+    status_key = "peers"
+
+    def __init__(self, config: ServerConfig, host: LinkHost) -> None:
         self.links: list[PeerLink] = []
-        for url in dict.fromkeys(cfg.peers):  # keep order, drop repeats
-            self.links.append(PeerLink(server, url, cfg.peer_tokens.get(url)))
+        self._drain_timeout = config.close_timeout / 2
+        for url in dict.fromkeys(config.peers):  # keep order, drop repeats
+            self.links.append(PeerLink(config, host, url, config.peer_tokens.get(url)))
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """Start every link's connect loop; returns at once."""
         for link in self.links:
             link.start()
 
-    def forward(self, publish: Publish) -> None:
-        """Queue an organic publish for every peer (encoded once)."""
-        head = encode_forward_head(publish)
+    def forward(self, pub: Publish) -> None:
+        """Queue an organic publish for every peer (encoded once); peering is one hop."""
+        if pub.from_peer:
+            return
+        head = encode_forward_head(pub)
         for link in self.links:
             link.enqueue(head)
 
-    async def close(self, drain_timeout: float = 1.0) -> None:
-        """Give links up to ``drain_timeout`` to deliver what they hold, then close them."""
-        await asyncio.gather(*(link.close(drain_timeout) for link in self.links))
+    async def close(self) -> None:
+        """Give links a moment to deliver what they hold, then close them."""
+        await asyncio.gather(*(link.close(self._drain_timeout) for link in self.links))
 
     def status(self) -> list[dict[str, Any]]:
         """One :meth:`PeerLink.status` per link."""

@@ -15,8 +15,8 @@ import asyncio
 from typing import Any
 from urllib.parse import urlsplit
 
-from dwsps.backplane import Backplane, BackplaneOptions, Sink, StateListener
-from dwsps.backplane.envelope import ALL
+from dwsps.interest import ALL
+from dwsps.links.engine import Backplane, BackplaneOptions, Sink, StateListener
 
 
 class MemoryHub:

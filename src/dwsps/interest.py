@@ -11,8 +11,18 @@ so the subscribe path costs a string split and a dict update.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Final
 
-from dwsps.backplane.envelope import channel_key
+ALL: Final = "*"
+"""The interest key meaning "every channel" (a subscription whose first level is ``*``)."""
+
+
+def channel_key(topic: str) -> str:
+    """The channel key of a topic or subscription: its first level.
+
+    A subscription whose first level is ``*`` gets :data:`ALL`.
+    """
+    return topic.partition(".")[0]
 
 
 class InterestCounter:

@@ -27,13 +27,13 @@ Connections
 Failure
     Any error on either connection ends the session: both connections are
     dropped, the state becomes ``down`` (logged, ``on_state(False, reason)``),
-    and the supervisor reconnects with exponential backoff and jitter
-    (0.1 s doubling up to ``max_backoff``), forever. A new session subscribes
-    again to everything local clients need. Publishes made meanwhile wait in
-    the outbox (bounded by messages and bytes; the oldest are dropped beyond
-    that, counted and logged). A batch that was written but not confirmed
-    when the connection broke is sent again: receivers drop the copies by
-    (origin, seq).
+    and the supervisor reconnects with exponential backoff and full jitter
+    (:mod:`dwsps.backoff`, 0.1 s doubling up to ``max_backoff``), forever. A
+    new session subscribes again to everything local clients need. Publishes
+    made meanwhile wait in the outbox (:mod:`dwsps.outbox`, bounded by
+    messages and bytes; the oldest are dropped beyond that, counted and
+    logged). A batch that was written but not confirmed when the connection
+    broke is sent again: receivers drop the copies by (origin, seq).
 
 Presence and resync
     Redis pub/sub keeps nothing for a subscriber that is not connected, so
@@ -53,16 +53,18 @@ import asyncio
 import contextlib
 import logging
 import math
-import random
-from collections import deque
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from redis.asyncio.connection import AbstractConnection, Connection, parse_url
 from redis.exceptions import RedisError
 
-from dwsps.backplane import Backplane, BackplaneOptions, Sink, StateListener, redact
-from dwsps.backplane.envelope import ALL
+from dwsps.backoff import Backoff
+from dwsps.errors import ConfigError
+from dwsps.interest import ALL
+from dwsps.links.engine import Backplane, BackplaneOptions, Sink, StateListener
+from dwsps.outbox import Outbox
+from dwsps.redact import redact
 
 log = logging.getLogger("dwsps.backplane")
 
@@ -106,23 +108,23 @@ class RedisBackplane(Backplane):
         self.server_id = options.server_id
         self.prefix = ours.get("prefix", "dwsps")
         if not self.prefix or any(c in self.prefix for c in "*?[]\\"):
-            raise ValueError(f"backplane prefix {self.prefix!r} is empty or has glob characters")
+            raise ConfigError(f"backplane prefix {self.prefix!r} is empty or has glob characters")
         self.health_interval = float(ours.get("health_interval", 1.0))
         self.resync_timeout = float(ours.get("resync_timeout", 5.0))
         self.max_backoff = float(ours.get("max_backoff", 2.0))
         self.max_messages = options.buffer_messages
         self.max_bytes = options.buffer_bytes
+        # (channel, payload) envelopes until Redis confirms their PUBLISH.
+        self._outbox: Outbox[tuple[bytes, bytes]] = Outbox(self.max_messages, self.max_bytes)
         self._channel_prefix = (self.prefix + ":").encode()
         self._pattern = self._channel_prefix + b"*"
         self._presence_key = f"{self.prefix}:servers"
         try:
             self._connection()  # not connected: only checks the options
         except TypeError as exc:
-            raise ValueError(f"backplane URL {self.url}: unusable option ({exc})") from None
+            raise ConfigError(f"backplane URL {self.url}: unusable option ({exc})") from None
 
         self._want: set[str] = set()
-        self._outbox: deque[tuple[bytes, bytes]] = deque()
-        self._outbox_bytes = 0
         self._sink: Sink | None = None
         self._on_state: StateListener | None = None
         self._task: asyncio.Task[None] | None = None
@@ -145,12 +147,8 @@ class RedisBackplane(Backplane):
         self._last_read = 0.0
         self._pub_lock = asyncio.Lock()
 
-        self.published = 0
         self.received = 0
-        self.dropped = 0
-        self.resent = 0
         self.sessions = 0
-        self._dropped_logged = 0
         self._drop_log_at = 0.0
 
     # -- the Backplane interface -----------------------------------------
@@ -176,10 +174,8 @@ class RedisBackplane(Backplane):
         self.state = "closed"
 
     def publish(self, key: str, payload: bytes) -> None:
-        self._outbox.append((self._channel_prefix + key.encode(), payload))
-        self._outbox_bytes += len(payload)
-        if len(self._outbox) > self.max_messages or self._outbox_bytes > self.max_bytes:
-            self._trim()
+        if self._outbox.add((self._channel_prefix + key.encode(), payload), len(payload)):
+            self._log_drops()
         self._idle.clear()
         self._wake_sender.set()
 
@@ -205,26 +201,24 @@ class RedisBackplane(Backplane):
             "keys": sorted(self._want),
             "subscribed": sorted(self._confirmed),
             "outbox": len(self._outbox),
-            "outbox_bytes": self._outbox_bytes,
-            "published": self.published,
+            "outbox_bytes": self._outbox.size,
+            "published": self._outbox.stats.confirmed,
             "received": self.received,
             "dropped": self.dropped,
-            "resent": self.resent,
+            "resent": self._outbox.stats.resent,
             "sessions": self.sessions,
             "servers": sorted(self._known_servers | {self.server_id}) if self._ready else [],
         }
 
     # -- outbox -----------------------------------------------------------
 
-    def _trim(self) -> None:
-        """Drop the oldest envelopes until the outbox fits its bounds (counted, logged)."""
-        outbox = self._outbox
-        dropped = 0
-        while outbox and (len(outbox) > self.max_messages or self._outbox_bytes > self.max_bytes):
-            _, payload = outbox.popleft()
-            self._outbox_bytes -= len(payload)
-            dropped += 1
-        self.dropped += dropped
+    @property
+    def dropped(self) -> int:
+        """Envelopes the outbox bound evicted before Redis confirmed them."""
+        stats = self._outbox.stats
+        return stats.dropped + stats.forgotten
+
+    def _log_drops(self) -> None:
         now = asyncio.get_running_loop().time()
         if now >= self._drop_log_at:
             log.warning(
@@ -251,7 +245,7 @@ class RedisBackplane(Backplane):
         return cls(**kwargs)
 
     async def _supervise(self) -> None:
-        attempt = 0
+        backoff = Backoff(0.1, max(0.1, self.max_backoff))
         while True:
             sub, pub = self._connection(), self._connection()
             try:
@@ -260,7 +254,7 @@ class RedisBackplane(Backplane):
                         conn.connect_check_health(check_health=False, retry_socket_connect=False),
                         CONNECT_TIMEOUT * 2,
                     )
-                attempt = 0
+                backoff.reset()
                 await self._session(sub, pub)
                 reason = "session ended"
             except asyncio.CancelledError:
@@ -277,9 +271,7 @@ class RedisBackplane(Backplane):
                         await conn.disconnect(nowait=True)
             self._set_down(reason)
             self._first_attempt.set()
-            delay = min(self.max_backoff, 0.1 * 2**attempt) * random.uniform(0.5, 1.0)
-            attempt = min(attempt + 1, 30)
-            await asyncio.sleep(delay)
+            await asyncio.sleep(backoff.next_delay())
 
     def _set_up(self) -> None:
         was = self.state
@@ -473,39 +465,26 @@ class RedisBackplane(Backplane):
         if known:
             await self._resync(pub, known)
         outbox = self._outbox
+        # What a broken session left written but unconfirmed goes out again
+        # (receivers drop copies by origin and seq).
+        outbox.rewind()
         while True:
-            if not outbox:
+            if not outbox.unsent:
                 self._idle.set()
                 self._wake_sender.clear()
                 await self._wake_sender.wait()
                 continue
-            batch: list[tuple[bytes, bytes]] = []
-            size = 0
-            while outbox and len(batch) < BATCH_MESSAGES and size < BATCH_BYTES:
-                item = outbox.popleft()
-                size += len(item[1])
-                batch.append(item)
-            self._outbox_bytes -= size
-            try:
-                async with self._pub_lock:
-                    await pub.send_packed_command(
-                        pub.pack_commands([(b"PUBLISH", ch, body) for ch, body in batch]),
-                        check_health=False,
-                    )
-                    for _ in batch:
-                        reply = await pub.read_response(timeout=CONNECT_TIMEOUT * 2)
-                        if reply is None:
-                            raise _SessionLost("PUBLISH not confirmed in time")
-            except BaseException:
-                # Not known to have arrived: send again on the next session
-                # (receivers drop copies by origin and seq).
-                outbox.extendleft(reversed(batch))
-                self._outbox_bytes += size
-                self.resent += len(batch)
-                if len(outbox) > self.max_messages or self._outbox_bytes > self.max_bytes:
-                    self._trim()
-                raise
-            self.published += len(batch)
+            batch = outbox.take_unsent(BATCH_MESSAGES, BATCH_BYTES)
+            async with self._pub_lock:
+                await pub.send_packed_command(
+                    pub.pack_commands([(b"PUBLISH", ch, body) for ch, body in batch]),
+                    check_health=False,
+                )
+                for _ in batch:
+                    reply = await pub.read_response(timeout=CONNECT_TIMEOUT * 2)
+                    if reply is None:
+                        raise _SessionLost("PUBLISH not confirmed in time")
+                    outbox.confirm()
 
 
 def _describe(exc: BaseException) -> str:

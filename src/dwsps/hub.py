@@ -1,0 +1,296 @@
+"""The hub: this server's connections and what their requests do.
+
+The hub sits between the connections and everything else. For each complete
+message a :class:`~dwsps.connection.Connection` hands it, the hub parses it
+(:mod:`dwsps.messages`), acts through the :class:`~dwsps.router.Router`, and
+queues the replies on that connection's write path. A publish takes one path,
+whatever brought it (a client, the embedding code, a link)::
+
+    parse -> router.admit (identity) -> router.match -> encode once per context
+          -> router.batch (fan-out plan) -> Writer -> each connection's write path
+          -> links (peers, backplane) when it was accepted here
+
+The hub is the connections' :class:`~dwsps.connection.ConnectionHost` and the
+links' :class:`~dwsps.links.LinkHost`; it holds no socket and no listener.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass, fields
+from typing import Any
+
+from dwsps.config import ServerConfig
+from dwsps.connection import Connection, ConnectionLimits, Writer
+from dwsps.errors import CloseCode, ErrorCode, ProtocolError, SubscriptionLimitError
+from dwsps.events import Events
+from dwsps.frames import text_frame
+from dwsps.links import Link
+from dwsps.messages import (
+    Clock,
+    DeliveryEncoder,
+    Publish,
+    Subscribe,
+    Unsubscribe,
+    encode_ack,
+    encode_error,
+    parse_request,
+)
+from dwsps.router import Admission, Router
+
+log = logging.getLogger("dwsps.server")
+
+
+@dataclass(slots=True)
+class ServerStats:
+    """Counters a server keeps; read them with :attr:`dwsps.Server.stats`."""
+
+    connections_total: int = 0
+    requests: int = 0
+    publishes: int = 0
+    deliveries: int = 0
+    errors_sent: int = 0
+    slow_consumers: int = 0
+    heartbeat_timeouts: int = 0
+    invalid_closes: int = 0
+    duplicates_dropped: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a plain dict."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class Hub:
+    """Connections, requests and the publish path of one server (see the module docstring)."""
+
+    def __init__(self, config: ServerConfig, server_id: str, events: Events) -> None:
+        self.config = config
+        self._server_id = server_id
+        self.events = events
+        self.stats = ServerStats()
+        self._clock = Clock()
+        self.connections: dict[str, Connection] = {}
+        self.router: Router[Connection] = Router(
+            server_id,
+            max_subscriptions=config.max_subscriptions,
+            on_interest=self._interest_changed,
+        )
+        self.links: list[Link] = []
+        self._limits = ConnectionLimits(config.max_frame_size, config.max_outbound_buffer)
+        self._topic_limits = config.topic_limits
+        self._writer: Writer | None = None
+        self._counter = 0
+
+    @property
+    def server_id(self) -> str:
+        """This server's id."""
+        return self._server_id
+
+    @property
+    def clock(self) -> Clock:
+        """Server time, as the wire wants it."""
+        return self._clock
+
+    def attach(self, writer: Writer, links: list[Link]) -> None:
+        """Give the hub its write scheduler and its links (the server does this once)."""
+        self._writer = writer
+        self.links = links
+
+    def new_connection(self, is_peer: bool) -> Connection:
+        """A connection object for an accepted upgrade."""
+        assert self._writer is not None, "attach() first"
+        self._counter += 1
+        client_id = f"{secrets.token_urlsafe(9)}{self._counter:x}"
+        return Connection(self, self._writer, self._limits, client_id, is_peer)
+
+    # -- ConnectionHost ---------------------------------------------------
+
+    def connection_opened(self, conn: Connection) -> None:
+        """Register a connection whose handshake completed."""
+        self.connections[conn.client_id] = conn
+        self.stats.connections_total += 1
+        if self.events.has("connect"):
+            self.events.emit("connect", conn.client_id)
+
+    def connection_closed(self, conn: Connection) -> None:
+        """Forget a connection and everything it held."""
+        if self.connections.pop(conn.client_id, None) is None:
+            return
+        self.router.drop(conn)
+        if self.events.has("disconnect"):
+            self.events.emit("disconnect", conn.client_id)
+
+    def text_received(self, conn: Connection, data: bytes) -> None:
+        """Parse and carry out one request."""
+        self.stats.requests += 1
+        try:
+            req = parse_request(data, self._topic_limits)
+            if type(req) is Publish:
+                self._on_publish(conn, req)
+            elif type(req) is Subscribe:
+                self._on_subscribe(conn, req)
+            elif type(req) is Unsubscribe:
+                self._on_unsubscribe(conn, req)
+        except ProtocolError as err:
+            if err.code is ErrorCode.INVALID_JSON and not _is_utf8(data):
+                conn.fail(CloseCode.INVALID_TEXT, "text frame is not valid UTF-8")
+                return
+            self._reject(conn, err)
+            return
+        except Exception:
+            log.exception("internal error handling a request from %s", conn.client_id)
+            conn.fail(CloseCode.INTERNAL_ERROR, "internal error")
+            return
+        conn.invalid_streak = 0
+
+    def binary_received(self, conn: Connection) -> None:
+        """Binary frames carry no requests: say so, keep the connection."""
+        self.stats.requests += 1
+        self._reject(
+            conn,
+            ProtocolError(ErrorCode.INVALID_MESSAGE, "binary frames are not accepted; send text"),
+        )
+
+    def slow_consumer(self, conn: Connection) -> None:
+        """Count a connection closed for falling behind."""
+        self.stats.slow_consumers += 1
+
+    # -- requests ---------------------------------------------------------
+
+    def _reject(self, conn: Connection, err: ProtocolError) -> None:
+        self.stats.errors_sent += 1
+        conn.send(text_frame(encode_error(err, self._clock.now())))
+        conn.invalid_streak += 1
+        if conn.invalid_streak >= self.config.max_invalid_requests:
+            self.stats.invalid_closes += 1
+            conn.fail(CloseCode.POLICY_VIOLATION, "too many invalid requests")
+
+    def _ack(self, conn: Connection, action: str, topic: str, req_id: str | int | None) -> None:
+        conn.send(text_frame(encode_ack(action, topic, self._clock.now(), req_id)))
+
+    def _on_subscribe(self, conn: Connection, req: Subscribe) -> None:
+        try:
+            self.router.subscribe(conn, req.topic)
+        except SubscriptionLimitError as exc:
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_SUBSCRIPTIONS, str(exc), "subscribe", req.id
+            ) from None
+        self._ack(conn, "subscribe", req.topic, req.id)
+        if self.events.has("subscribe"):
+            self.events.emit("subscribe", req.topic, conn.client_id)
+
+    def _on_unsubscribe(self, conn: Connection, req: Unsubscribe) -> None:
+        self.router.unsubscribe(conn, req.topic)
+        self._ack(conn, "unsubscribe", req.topic, req.id)
+        if self.events.has("unsubscribe"):
+            self.events.emit("unsubscribe", req.topic, conn.client_id)
+
+    def _on_publish(self, conn: Connection, req: Publish) -> None:
+        if req.from_peer and self.config.accept_peer_tokens and not conn.is_peer:
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN,
+                "fromPeerServer is accepted only from authenticated peers",
+                "publish",
+                req.id,
+            )
+        self.route(req, conn.client_id)
+        self._ack(conn, "publish", req.topic, req.id)
+
+    # -- the publish path -------------------------------------------------
+
+    def route(self, pub: Publish, client_id: str | None) -> int:
+        """Accept a publish here: deliver locally, then hand it to every link.
+
+        Returns the local deliveries (0 for a copy seen before, which is dropped).
+        """
+        if pub.timestamp is None:
+            pub.timestamp = self._clock.now()
+        if self.router.admit(pub) is not Admission.NEW:
+            self.stats.duplicates_dropped += 1
+            return 0
+        count = self.deliver(pub)
+        for link in self.links:
+            link.forward(pub)
+        self.stats.publishes += 1
+        if self.events.has("publish"):
+            self.events.emit("publish", pub.topic, client_id)
+        return count
+
+    def receive(self, pub: Publish, extra: dict[str, Any] | None) -> Admission:
+        """A publish that arrived through a link: local delivery only (LinkHost)."""
+        admission = self.router.admit(pub)
+        if admission is Admission.NEW:
+            self.deliver(pub, extra)
+        elif admission is Admission.DUPLICATE:
+            self.stats.duplicates_dropped += 1
+        return admission
+
+    def deliver(self, pub: Publish, extra: dict[str, Any] | None = None) -> int:
+        """Plan one delivery per matching subscription on this server; return how many.
+
+        ``extra`` adds fields to the delivery (e.g. how it arrived).
+        """
+        router = self.router
+        matches = router.match(pub.topic)
+        if not matches:
+            return 0
+        writer = self._writer
+        assert writer is not None
+        encoder = DeliveryEncoder(
+            pub.topic, pub.message, pub.timestamp or self._clock.now(), pub.from_peer, extra
+        )
+        count = 0
+        for context, subscribers in matches:
+            count += len(subscribers)
+            closed = router.batch(subscribers, text_frame(encoder.encode(context)))
+            if closed is not None:
+                writer.queue_batch(closed)
+        self.stats.deliveries += count
+        writer.schedule()
+        return count
+
+    def emit(self, event: str, *args: Any) -> None:
+        """Fire a server event (LinkHost)."""
+        self.events.emit(event, *args)
+
+    def _interest_changed(self, key: str, wanted: bool) -> None:
+        for link in self.links:
+            link.interest_changed(key, wanted)
+
+    # -- heartbeat and status ---------------------------------------------
+
+    def heartbeat(self) -> None:
+        """Ping every connection; drop those that did not answer the previous ping."""
+        for conn in list(self.connections.values()):
+            if not conn.ping():
+                self.stats.heartbeat_timeouts += 1
+                log.info("dropping %s: no pong to the last ping", conn.client_id)
+                conn.abort()
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """``(healthy, document)`` for ``GET /health``."""
+        body: dict[str, Any] = {
+            "status": "ok",
+            "server_id": self._server_id,
+            "connections": len(self.connections),
+            "subscriptions": len(self.router),
+            "stats": self.stats.as_dict(),
+            "peers": [],
+        }
+        healthy = True
+        for link in self.links:
+            body[link.status_key] = link.status()
+            if not link.healthy:
+                healthy = False
+        if not healthy:
+            body["status"] = "degraded"
+        return healthy, body
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -1,0 +1,40 @@
+"""Credentials out of URLs, for logs, status pages and errors (pure: no I/O).
+
+Every URL the server shows (peer links, the backplane) goes through
+:func:`redact` first, so a password or token in it never reaches a log line,
+``/health`` or an exception message.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+MASK: Final = "***"
+SECRET_PARAMETERS: Final = frozenset(
+    {"peer_token", "token", "access_token", "password", "pass", "secret", "api_key", "apikey"}
+)
+"""Query parameters whose values are masked (compared case-insensitively)."""
+
+
+def redact(url: str) -> str:
+    """``url`` with its password and secret query parameters masked."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # e.g. an invalid port: show nothing of it that could be secret
+        return MASK if "@" in url else url
+    if password is not None:
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = f"{parts.username or ''}:{MASK}@{host}"
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        parts = parts._replace(netloc=netloc)
+    if parts.query:
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        if any(key.lower() in SECRET_PARAMETERS for key, _ in query):
+            masked = [(k, MASK if k.lower() in SECRET_PARAMETERS else v) for k, v in query]
+            parts = parts._replace(query=urlencode(masked, safe="*"))
+    return urlunsplit(parts)

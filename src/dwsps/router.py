@@ -1,0 +1,250 @@
+"""Routing: subscriptions, message identity and the fan-out plan (pure: no I/O).
+
+The router is the one place that knows who is subscribed to what and who gets
+which frame. It is generic over the subscriber handle (the server passes its
+connections; tests pass strings) and is driven with plain values:
+
+Subscriptions
+    :meth:`Router.subscribe` / :meth:`Router.unsubscribe` / :meth:`Router.drop`
+    keep the topic trie and each subscriber's own set together, and report the
+    upstream interest changes (first-level channel keys going 0↔1, see
+    :mod:`dwsps.interest`) to the listener given at construction.
+
+Identity
+    :meth:`Router.admit` gives every organic publish this server's identity
+    (``origin`` = server id, ``seq`` = next number) and tells apart, for one
+    that already carries an identity, the first arrival from a copy (a peer
+    link's resend, or peering and a backplane both bringing it) and from our
+    own publish coming back.
+
+The fan-out plan
+    :meth:`Router.match` lists ``(context, subscribers)`` for a published
+    topic. The caller encodes one frame per context and hands it to
+    :meth:`Router.batch`. Consecutive frames for the same subscriber set are
+    gathered into one :class:`Batch` whose frames are joined once and shared
+    by every member, so a delivery in the usual fan-out costs nothing per
+    subscriber. The rules that keep every subscriber's frames in order:
+
+    1. A batch holds frames for one subscriber set, as it was when the batch
+       opened (``members`` is a snapshot; any subscription change bumps the
+       trie's version, and the next frame then opens a new batch).
+    2. A frame for another set closes the open batch first.
+    3. Before anything else is queued for a member of the open batch (an ack,
+       an error), :meth:`Router.release` closes it.
+    4. The caller closes it at the end of the loop turn (:meth:`Router.close_batch`).
+
+    A closed batch is returned to the caller, who queues ``batch.data()`` on
+    each of ``batch.members`` right away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from enum import Enum
+from typing import Generic, TypeVar
+
+from dwsps.dedup import Deduplicator
+from dwsps.errors import SubscriptionLimitError
+from dwsps.interest import InterestCounter
+from dwsps.messages import Publish
+from dwsps.topics import SubscriptionTrie
+
+C = TypeVar("C", bound=Hashable)
+
+InterestListener = Callable[[str, bool], None]
+"""Called with ``(channel key, wanted)`` when upstream interest in a key starts or ends."""
+
+
+class Admission(Enum):
+    """What :meth:`Router.admit` decided about a publish."""
+
+    NEW = "new"
+    """Deliver it (and forward it where it goes)."""
+    DUPLICATE = "duplicate"
+    """Its identity was seen before: drop it."""
+    OWN = "own"
+    """This server's own publish coming back (a backplane echo): drop it."""
+
+
+class Batch(Generic[C]):
+    """Frames for one subscriber set, sent as one buffer to each member."""
+
+    __slots__ = ("frames", "members", "subscribers", "version")
+
+    def __init__(self, subscribers: dict[C, None], frame: bytes, version: int) -> None:
+        self.subscribers = subscribers
+        self.members = subscribers.copy()
+        self.frames = [frame]
+        self.version = version
+
+    def data(self) -> bytes:
+        """The frames, joined."""
+        frames = self.frames
+        return frames[0] if len(frames) == 1 else b"".join(frames)
+
+
+class Router(Generic[C]):
+    """Subscriptions, identity and the fan-out plan of one server (see the module docstring)."""
+
+    __slots__ = (
+        "_dedup",
+        "_interest",
+        "_seq",
+        "_subs",
+        "_trie",
+        "max_subscriptions",
+        "open_batch",
+        "server_id",
+    )
+
+    def __init__(
+        self,
+        server_id: str,
+        *,
+        max_subscriptions: int = 1000,
+        on_interest: InterestListener | None = None,
+        dedup: Deduplicator | None = None,
+    ) -> None:
+        self.server_id = server_id
+        self.max_subscriptions = max_subscriptions
+        self._trie: SubscriptionTrie[C] = SubscriptionTrie()
+        self._subs: dict[C, set[str]] = {}
+        listener = on_interest or _ignore
+        self._interest = InterestCounter(
+            lambda key: listener(key, True), lambda key: listener(key, False)
+        )
+        self._seq = 0
+        self._dedup = dedup or Deduplicator()
+        self.open_batch: Batch[C] | None = None
+        """The batch being filled (read-only outside: change it through the methods below)."""
+
+    # -- subscriptions ------------------------------------------------------
+
+    def subscribe(self, subscriber: C, topic: str) -> bool:
+        """Hold ``topic`` for ``subscriber``; False if it already was (idempotent).
+
+        Raises :class:`SubscriptionLimitError` when the subscriber holds
+        ``max_subscriptions`` already.
+        """
+        subs = self._subs.get(subscriber)
+        if subs is None:
+            subs = self._subs[subscriber] = set()
+        elif topic in subs:
+            return False
+        if len(subs) >= self.max_subscriptions:
+            if not subs:
+                del self._subs[subscriber]
+            raise SubscriptionLimitError(self.max_subscriptions)
+        subs.add(topic)
+        self._trie.add(topic, subscriber)
+        self._interest.add(topic)
+        return True
+
+    def unsubscribe(self, subscriber: C, topic: str) -> bool:
+        """Release ``topic`` for ``subscriber``; False if it was not held (idempotent)."""
+        subs = self._subs.get(subscriber)
+        if subs is None or topic not in subs:
+            return False
+        subs.discard(topic)
+        if not subs:
+            del self._subs[subscriber]
+        self._trie.remove(topic, subscriber)
+        self._interest.remove(topic)
+        return True
+
+    def drop(self, subscriber: C) -> list[str]:
+        """Release everything ``subscriber`` holds (it went away); return those topics."""
+        subs = self._subs.pop(subscriber, None)
+        if not subs:
+            return []
+        for topic in subs:
+            self._trie.remove(topic, subscriber)
+            self._interest.remove(topic)
+        return sorted(subs)
+
+    def subscriptions(self, subscriber: C) -> frozenset[str]:
+        """The topics ``subscriber`` holds."""
+        return frozenset(self._subs.get(subscriber, ()))
+
+    def subscriber_count(self) -> int:
+        """Subscribers holding at least one subscription."""
+        return len(self._subs)
+
+    def __len__(self) -> int:
+        """(topic, subscriber) pairs held."""
+        return len(self._trie)
+
+    def topics(self) -> list[str]:
+        """Every topic some subscriber holds."""
+        return list(self._trie.topics())
+
+    def interest(self) -> list[str]:
+        """The channel keys with local interest, sorted."""
+        return sorted(self._interest)
+
+    def wants(self, key: str) -> bool:
+        """Whether some local subscription needs channel ``key`` (or every channel)."""
+        return key in self._interest
+
+    # -- identity -----------------------------------------------------------
+
+    def admit(self, pub: Publish) -> Admission:
+        """Stamp an organic publish with this server's identity, or check the one it carries.
+
+        A publish from a peer without identity fields (an original server)
+        cannot be checked and is admitted as it is.
+        """
+        if pub.origin is None:
+            if not pub.from_peer:
+                self._seq += 1
+                pub.origin, pub.seq = self.server_id, self._seq
+            return Admission.NEW
+        if pub.origin == self.server_id:
+            return Admission.OWN
+        if pub.seq is not None and not self._dedup.first_time(pub.origin, pub.seq):
+            return Admission.DUPLICATE
+        return Admission.NEW
+
+    def forget_origin(self, origin: str) -> None:
+        """Drop what the duplicate filter knows about ``origin``."""
+        self._dedup.forget(origin)
+
+    # -- the fan-out plan ---------------------------------------------------
+
+    def match(self, topic: str) -> list[tuple[str, dict[C, None]]]:
+        """``(context, subscribers)`` for every subscription matching ``topic``."""
+        return self._trie.match(topic)
+
+    def has_subscribers(self, topic: str) -> bool:
+        """Whether any subscription matches ``topic``."""
+        return bool(self._trie.match(topic))
+
+    def batch(self, subscribers: dict[C, None], frame: bytes) -> Batch[C] | None:
+        """Plan ``frame`` for ``subscribers`` (one context's set from :meth:`match`).
+
+        Returns the batch this closed, if any: queue it before anything else.
+        """
+        version = self._trie.version
+        batch = self.open_batch
+        if batch is not None and batch.subscribers is subscribers and batch.version == version:
+            batch.frames.append(frame)
+            return None
+        self.open_batch = Batch(subscribers, frame, version)
+        return batch
+
+    def release(self, member: C) -> Batch[C] | None:
+        """Close the open batch if ``member`` is in it (something else is queued for it)."""
+        batch = self.open_batch
+        if batch is not None and member in batch.members:
+            self.open_batch = None
+            return batch
+        return None
+
+    def close_batch(self) -> Batch[C] | None:
+        """Close the open batch (the end of the loop turn); return it, or None."""
+        batch, self.open_batch = self.open_batch, None
+        return batch
+
+
+def _ignore(key: str, wanted: bool) -> None:
+    pass
