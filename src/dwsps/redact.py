@@ -21,17 +21,11 @@ def redact(url: str) -> str:
     """``url`` with its password and secret query parameters masked."""
     try:
         parts = urlsplit(url)
-        password = parts.password
-    except ValueError:  # e.g. an invalid port: show nothing of it that could be secret
-        return MASK if "@" in url else url
-    if password is not None:
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        netloc = f"{parts.username or ''}:{MASK}@{host}"
-        if parts.port is not None:
-            netloc += f":{parts.port}"
-        parts = parts._replace(netloc=netloc)
+    except ValueError:  # unparseable: show nothing of it that could be secret
+        return MASK if "@" in url or "?" in url else url
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        parts = parts._replace(netloc=f"{userinfo.partition(':')[0]}:{MASK}@{hostport}")
     if parts.query:
         query = parse_qsl(parts.query, keep_blank_values=True)
         if any(key.lower() in SECRET_PARAMETERS for key, _ in query):
