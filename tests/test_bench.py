@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from dwsps.cli import main
 from tests.conftest import ServerFactory
 
 TINY = ("--warmup", "0.1", "--duration", "0.4", "--drain", "3", "--quiet")
@@ -114,3 +116,52 @@ async def test_reports_loss_when_subscribers_are_cut(
     assert rc == 1
     assert result["subsClosed"] > 0
     assert "LOSS" in table
+
+
+async def test_unreachable_server_is_one_line_and_exit_1(unused_port: int) -> None:
+    url = f"ws://127.0.0.1:{unused_port}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dwsps", "bench", "--url", url, "--quiet",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    assert stdout == b""
+    lines = stderr.decode().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"dwsps bench: cannot connect to {url}: ")
+
+
+def test_peered_without_pub_url_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "peered"]) == 2
+    assert "peered needs --pub-url" in capsys.readouterr().err
+
+
+def test_bad_server_pid_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--server-pid", "12,abc"]) == 2
+    assert "argument --server-pid: wants PID[,PID...]" in capsys.readouterr().err
+
+
+def test_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for entry in (
+        "SCENARIO fanout, latency, peered, connections (default: fanout)",
+        "--url URL server the subscribers use (default: ws://127.0.0.1:8000)",
+        "--payload BYTES approx. message size in bytes (default: 100)",
+        "--flow {e2e,ack}",
+        "(default: e2e)",
+        "--duration SECONDS seconds measured (default: 5.0)",
+        "(default: 100; connections: 1000)",
+    ):
+        assert entry in text
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port

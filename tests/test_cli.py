@@ -17,6 +17,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+import dwsps
 from dwsps import Client
 from dwsps.cli import main
 from dwsps.errors import InvalidTopicError, TooManySubscriptionsError
@@ -80,6 +81,11 @@ def test_help_everywhere(command: list[str], capsys: pytest.CaptureFixture[str])
     assert out.startswith(f"usage: dwsps {' '.join(command)}".rstrip())
 
 
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"dwsps {dwsps.__version__}\n"
+
+
 def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2  # no command
     assert "usage: dwsps" in capsys.readouterr().err
@@ -107,8 +113,23 @@ def test_serve_rejects_bad_configuration(
     monkeypatch.setenv("DWSPS_MAX_SUBSCRIPTIONS", "many")
     assert main(["serve", "--port", "0"]) == 1
     assert "DWSPS_MAX_SUBSCRIPTIONS" in capsys.readouterr().err
-    assert main(["serve", "--peer-token", "no-equals-sign"]) == 1
-    assert "URL=TOKEN" in capsys.readouterr().err
+    monkeypatch.delenv("DWSPS_MAX_SUBSCRIPTIONS")
+    monkeypatch.setenv("DWSPS_LOG_LEVEL", "verbose")
+    assert main(["serve", "--port", "0"]) == 1
+    assert "log level must be one of debug, info" in capsys.readouterr().err
+    assert main(["serve", "--peer-token", "no-equals-sign"]) == 2  # a usage error
+    assert "argument --peer-token: wants KEY=VALUE" in capsys.readouterr().err
+
+
+def test_config_errors_name_the_file_as_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "dwsps.toml").write_text("port = -1\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", "--config", "etc/dwsps.toml"]) == 1
+    err = capsys.readouterr().err
+    assert err == "dwsps serve: etc/dwsps.toml: port: must not be negative, got -1\n"
 
 
 def test_serve_reports_a_busy_port(capsys: pytest.CaptureFixture[str]) -> None:

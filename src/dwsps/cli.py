@@ -2,9 +2,9 @@
 
 ``dwsps serve`` builds its :class:`~dwsps.config.ServerConfig` from defaults <
 ``--config`` TOML file < ``DWSPS_<FIELD>`` environment variables < options
-(see :mod:`dwsps.configfile`), prints ``dwsps listening on ws://HOST:PORT``
-once it accepts connections, and shuts down gracefully (clients get 1001) on
-SIGTERM or SIGINT, exiting 0.
+(one per setting, generated from the dataclass: see :mod:`dwsps.config`),
+prints ``dwsps listening on ws://HOST:PORT`` once it accepts connections, and
+shuts down gracefully (clients get 1001) on SIGTERM or SIGINT, exiting 0.
 """
 
 from __future__ import annotations
@@ -21,22 +21,15 @@ from typing import Any
 
 import orjson
 
-from dwsps import benchmark
+from dwsps import __version__
+from dwsps.bench import command as bench_command
 from dwsps.client import Client
-from dwsps.configfile import build_config
+from dwsps.config import add_flags, flag_values, load_config, sources_help
 from dwsps.errors import ConfigError, DwspsError, RequestError
 from dwsps.server import Server
 
 DEFAULT_URL = "ws://127.0.0.1:8000"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-
-_SERVE_EPILOG = """\
-Settings come from, lowest precedence first: built-in defaults, the --config
-TOML file (keys are the setting names, e.g. max_frame_size = 2097152), the
-environment (DWSPS_<SETTING>, e.g. DWSPS_PORT=9000, DWSPS_PEERS=url1,url2,
-DWSPS_PEER_TOKENS=url=token), then these options. A repeatable option given
-on the command line replaces the whole list from the file or environment.
-"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,49 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dwsps", description="Distributed publish/subscribe over WebSockets."
     )
+    parser.add_argument("--version", action="version", version=f"dwsps {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = sub.add_parser(
         "serve",
         help="run a dwsps server",
         description="Run a dwsps server until SIGTERM or SIGINT.",
-        epilog=_SERVE_EPILOG,
+        epilog=sources_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    # Defaults are None so that only options actually given override the
-    # file and the environment; ServerConfig holds the real defaults.
-    serve.add_argument("--host", help="interface to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to bind, 0 for any free one (default 8000)")
-    serve.add_argument(
-        "--peer", dest="peers", action="append", metavar="URL", help="forward publishes to URL"
-    )
-    serve.add_argument(
-        "--peer-token",
-        dest="peer_tokens",
-        action="append",
-        metavar="URL=TOKEN",
-        help="token to present to the peer at URL",
-    )
-    serve.add_argument(
-        "--accept-peer-token",
-        dest="accept_peer_tokens",
-        action="append",
-        metavar="TOKEN",
-        help="accept fromPeerServer publishes only from peers presenting TOKEN",
-    )
-    serve.add_argument("--backplane", metavar="URL", help="memory:// (default) or redis://...")
-    serve.add_argument("--tls-cert", metavar="PEM", help="certificate chain: serve wss://")
-    serve.add_argument("--tls-key", metavar="PEM", help="private key (if not in --tls-cert)")
-    serve.add_argument("--max-frame-size", type=int, metavar="BYTES", help="default 1 MiB")
-    serve.add_argument(
-        "--heartbeat-interval", type=float, metavar="SECONDS", help="0 disables (default 10)"
-    )
-    serve.add_argument("--max-subscriptions", type=int, metavar="N", help="per connection")
-    serve.add_argument(
-        "--max-outbound-buffer", type=int, metavar="BYTES", help="slow-consumer limit"
-    )
-    serve.add_argument("--max-topic-length", type=int, metavar="N")
-    serve.add_argument("--max-topic-levels", type=int, metavar="N")
+    add_flags(serve, title="settings (also in --config and DWSPS_*, see below)")
     serve.add_argument(
         "--config",
         metavar="FILE",
@@ -97,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         choices=LOG_LEVELS,
         default=os.environ.get("DWSPS_LOG_LEVEL", "info").lower(),
-        help="default info (or $DWSPS_LOG_LEVEL)",
+        help="what the server logs (default: info, or $DWSPS_LOG_LEVEL)",
     )
     serve.set_defaults(func=_serve)
 
@@ -122,11 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     _client_options(subp)
     subp.set_defaults(func=_sub)
 
-    bench = sub.add_parser(
-        "bench", help="run a load scenario", description="Load scenarios against a server."
-    )
-    benchmark.add_arguments(bench)
-    bench.set_defaults(func=benchmark.run)
+    bench = sub.add_parser("bench", help="run a load scenario")
+    bench_command.add_arguments(bench)
+    bench.set_defaults(func=bench_command.run)
     return parser
 
 
@@ -134,10 +93,14 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url",
         default=os.environ.get("DWSPS_URL", DEFAULT_URL),
-        help=f"server URL (default {DEFAULT_URL}, or $DWSPS_URL)",
+        help=f"server URL (default: {DEFAULT_URL}, or $DWSPS_URL)",
     )
     parser.add_argument(
-        "--timeout", type=float, default=10.0, metavar="SECONDS", help="reply timeout (default 10)"
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="reply timeout (default: %(default)s)",
     )
 
 
@@ -182,37 +145,12 @@ def _fail(command: str, err: object) -> int:
 
 # -- serve ------------------------------------------------------------------
 
-_SERVE_FIELDS = (
-    "host",
-    "port",
-    "peers",
-    "accept_peer_tokens",
-    "backplane",
-    "tls_cert",
-    "tls_key",
-    "max_frame_size",
-    "heartbeat_interval",
-    "max_subscriptions",
-    "max_outbound_buffer",
-    "max_topic_length",
-    "max_topic_levels",
-)
-
 
 def _serve(args: argparse.Namespace) -> int:
-    overrides: dict[str, Any] = {
-        name: getattr(args, name) for name in _SERVE_FIELDS if getattr(args, name) is not None
-    }
-    if args.peer_tokens is not None:
-        tokens: dict[str, str] = {}
-        for item in args.peer_tokens:
-            url, sep, token = item.partition("=")
-            if not sep or not url or not token:
-                return _fail("serve", f"--peer-token wants URL=TOKEN, got {item!r}")
-            tokens[url] = token
-        overrides["peer_tokens"] = tokens
+    if args.log_level not in LOG_LEVELS:  # a bad $DWSPS_LOG_LEVEL bypasses choices
+        return _fail("serve", f"log level must be one of {', '.join(LOG_LEVELS)}")
     try:
-        config = build_config(args.config, overrides=overrides)
+        config = load_config(args.config, overrides=flag_values(args))
     except ConfigError as exc:
         return _fail("serve", exc)
     logging.basicConfig(

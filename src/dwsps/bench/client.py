@@ -228,6 +228,12 @@ async def connect(factory: Callable[[], Any], url: str, wait: float) -> Any:
     return listener
 
 
+async def probe(url: str, wait: float) -> None:
+    """Open and close one connection to ``url``; raise what stopped it."""
+    listener: Publisher = await connect(lambda: Publisher("probe", 0), url, wait)
+    await close([listener], wait)
+
+
 async def close(listeners: list[Any], wait: float = 2.0) -> None:
     """Close every connection with 1000 and wait (bounded) for them to go."""
     waits = []

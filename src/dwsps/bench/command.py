@@ -1,8 +1,7 @@
-"""``dwsps bench``: load scenarios against a running dwsps server.
+"""``dwsps bench``: the command line, the table and the JSON file.
 
 Like ``nats bench``: point it at a server, pick a scenario, read the table.
-The scenarios live in :mod:`dwsps.bench.scenarios`; this module is the
-command line, the table and the JSON file.
+The scenarios live in :mod:`dwsps.bench.scenarios`.
 
 The load comes from this one Python process. It parses and checks every
 delivery, which costs a few microseconds each, so it tops out at a few
@@ -20,10 +19,24 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from picows import WSError
 
+from dwsps.bench.client import probe
 from dwsps.bench.scenarios import RUNNERS, SCENARIOS, Params
 
 _DEFAULT_SUBS = {"fanout": 100, "peered": 100, "latency": 100, "connections": 1000}
+_FAILURES = (OSError, TimeoutError, WSError, RuntimeError)
+"""What a scenario raises when the server is unreachable or misbehaves, not a bug of ours."""
+
+
+def _pids(text: str) -> list[int]:
+    try:
+        pids = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants PID[,PID...], got {text!r}") from None
+    if any(pid <= 0 for pid in pids):
+        raise argparse.ArgumentTypeError(f"wants positive process ids, got {text!r}")
+    return pids
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,43 +46,107 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "One Python process cannot receive millions of frames per second: when "
         "clientCpu is near 1.0 the client was the limit, not the server."
     )
-    parser.add_argument("scenario", nargs="?", default="fanout", choices=SCENARIOS)
-    parser.add_argument("--url", default="ws://127.0.0.1:8000", help="server the subscribers use")
     parser.add_argument(
-        "--pub-url", help="server the publisher uses (peered: server A; default --url)"
+        "scenario",
+        nargs="?",
+        default="fanout",
+        choices=SCENARIOS,
+        metavar="SCENARIO",
+        help=f"{', '.join(SCENARIOS)} (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--url",
+        metavar="URL",
+        default="ws://127.0.0.1:8000",
+        help="server the subscribers use (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--pub-url",
+        metavar="URL",
+        help="server the publisher uses (peered: server A; default: --url)",
     )
     parser.add_argument(
         "--subs",
+        metavar="N",
         type=int,
-        help="subscribers (connections: idle connections); default 100, connections 1000",
+        help="subscribers, or idle connections for the connections scenario (default:"
+        f" {_DEFAULT_SUBS['fanout']}; connections: {_DEFAULT_SUBS['connections']})",
     )
     parser.add_argument(
-        "--topic", default="bench", help="subscription topic (publishes go to TOPIC.x)"
+        "--topic",
+        metavar="TOPIC",
+        default="bench",
+        help="subscription topic; publishes go to TOPIC.x (default: %(default)s)",
     )
-    parser.add_argument("--payload", type=int, default=100, help="approx. message size in bytes")
     parser.add_argument(
-        "--inflight", type=int, default=200, help="fanout: max publishes outstanding"
+        "--payload",
+        metavar="BYTES",
+        type=int,
+        default=100,
+        help="approx. message size in bytes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--inflight",
+        metavar="N",
+        type=int,
+        default=200,
+        help="fanout: max publishes outstanding (default: %(default)s)",
     )
     parser.add_argument(
         "--flow",
         choices=("e2e", "ack"),
         default="e2e",
-        help="fanout: a publish completes when every subscriber has it (e2e) or on its ack",
-    )
-    parser.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds measured")
-    parser.add_argument("--rate", type=float, default=500.0, help="latency: publishes per second")
-    parser.add_argument(
-        "--drain", type=float, default=5.0, help="max seconds to wait for stragglers"
+        help="fanout: a publish completes when every subscriber has it (e2e) or on its ack"
+        " (default: %(default)s)",
     )
     parser.add_argument(
-        "--settle", type=float, default=1.0, help="connections: wait before reading RSS"
+        "--warmup",
+        metavar="SECONDS",
+        type=float,
+        default=1.0,
+        help="seconds before measuring (default: %(default)s)",
     )
-    parser.add_argument("--concurrency", type=int, default=100, help="connections opened at once")
+    parser.add_argument(
+        "--duration",
+        metavar="SECONDS",
+        type=float,
+        default=5.0,
+        help="seconds measured (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rate",
+        metavar="PER_SEC",
+        type=float,
+        default=500.0,
+        help="latency: publishes per second (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--drain",
+        metavar="SECONDS",
+        type=float,
+        default=5.0,
+        help="max seconds to wait for stragglers (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--settle",
+        metavar="SECONDS",
+        type=float,
+        default=1.0,
+        help="connections: wait before reading RSS (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        metavar="N",
+        type=int,
+        default=100,
+        help="connections opened at once (default: %(default)s)",
+    )
     parser.add_argument(
         "--server-pid",
-        default="",
-        help="PID[,PID] of the server(s): CPU use and memory from /proc (same host)",
+        type=_pids,
+        default=[],
+        metavar="PID[,PID]",
+        help="the server process(es): CPU use and memory from /proc (same host)",
     )
     parser.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -78,9 +155,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def params_from_args(args: argparse.Namespace) -> Params:
     """Turn parsed options into scenario :class:`Params`."""
     scenario: str = args.scenario
-    if scenario == "peered" and not args.pub_url:
-        raise SystemExit("dwsps bench peered needs --pub-url (server A) and --url (its peer B)")
-    pids = [int(x) for x in str(args.server_pid).split(",") if x.strip()]
     return Params(
         scenario=scenario,
         url=args.url,
@@ -96,24 +170,57 @@ def params_from_args(args: argparse.Namespace) -> Params:
         drain=args.drain,
         settle=args.settle,
         concurrency=args.concurrency,
-        server_pids=pids,
+        server_pids=list(args.server_pid),
         progress=not args.quiet,
     )
 
 
+def _fail(message: str) -> int:
+    print(f"dwsps bench: {message}", file=sys.stderr, flush=True)
+    return 1
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``dwsps bench``; print the table; return 0, or 1 if anything was lost or reordered."""
+    if args.scenario == "peered" and not args.pub_url:
+        print(
+            "dwsps bench: peered needs --pub-url (server A) and --url (its peer B)", file=sys.stderr
+        )
+        return 2
     params = params_from_args(args)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-        result = asyncio.run(RUNNERS[params.scenario](params))
+        result = asyncio.run(_measure(params))
     else:
-        result = uvloop.run(RUNNERS[params.scenario](params))
+        result = uvloop.run(_measure(params))
+    if isinstance(result, str):
+        return _fail(result)
     if args.json:
         Path(args.json).write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
     sys.stdout.write(format_table(result))
     return 0 if is_clean(result) else 1
+
+
+async def _measure(params: Params) -> dict[str, Any] | str:
+    """The scenario's result, or why there is none."""
+    # One connection per server first: an unreachable server is one line, not
+    # a failure per subscriber and then a traceback.
+    for url in dict.fromkeys([params.url, params.pub_url or params.url]):
+        try:
+            await probe(url, params.setup_timeout)
+        except _FAILURES as exc:
+            return f"cannot connect to {url}: {_reason(exc)}"
+    try:
+        return await RUNNERS[params.scenario](params)
+    except _FAILURES as exc:
+        return f"{params.scenario} failed: {_reason(exc)}"
 
 
 def is_clean(result: dict[str, Any]) -> bool:
