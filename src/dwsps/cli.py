@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -26,6 +26,7 @@ from dwsps.bench import command as bench_command
 from dwsps.client import Client
 from dwsps.config import add_flags, flag_values, load_config, sources_help
 from dwsps.errors import ConfigError, DwspsError, RequestError
+from dwsps.loop import run
 from dwsps.server import Server
 
 DEFAULT_URL = "ws://127.0.0.1:8000"
@@ -118,19 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     return func(args)
 
 
-def _run(coro: Coroutine[Any, Any, int]) -> int:
-    """Run ``coro`` on uvloop when it is installed, else on the default loop."""
-    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
-    try:
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
-    except ImportError:
-        pass
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(coro)
-
-
 def _on_stop_signals(callback: Callable[[], object]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -161,7 +149,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.log_level != "debug":
         # picows logs every connection at INFO: too chatty for a server's log.
         logging.getLogger("picows").setLevel(logging.WARNING)
-    return _run(_serve_async(Server(config)))
+    return run(_serve_async(Server(config)))
 
 
 async def _serve_async(server: Server) -> int:
@@ -198,7 +186,7 @@ def _json_line(obj: Any) -> str:
 
 
 def _pub(args: argparse.Namespace) -> int:
-    return _run(_pub_async(args))
+    return run(_pub_async(args))
 
 
 async def _pub_async(args: argparse.Namespace) -> int:
@@ -217,7 +205,7 @@ async def _pub_async(args: argparse.Namespace) -> int:
 def _sub(args: argparse.Namespace) -> int:
     if args.count is not None and args.count < 1:
         return _fail("sub", "--count must be at least 1")
-    return _run(_sub_async(args))
+    return run(_sub_async(args))
 
 
 async def _sub_async(args: argparse.Namespace) -> int:

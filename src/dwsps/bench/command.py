@@ -13,7 +13,6 @@ the server's limit use the C load generator (see ``docs/benchmarks.md``).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import orjson
 from picows import WSError
 
+from dwsps import loop
 from dwsps.bench.client import probe
 from dwsps.bench.scenarios import RUNNERS, SCENARIOS, Params
 
@@ -194,12 +194,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     params = params_from_args(args)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-        result = asyncio.run(_measure(params))
-    else:
-        result = uvloop.run(_measure(params))
+    result = loop.run(_measure(params))
     if isinstance(result, str):
         return _fail(result)
     if args.json:
