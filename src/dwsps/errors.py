@@ -7,6 +7,7 @@ are exceptions. Every code and close code the project uses is listed here::
     ├── ProtocolError          the peer sent something invalid (server side)
     ├── RequestError           the server answered a request with an error (client side)
     │   └── ... one subclass per ErrorCode, see REQUEST_ERRORS
+    ├── AuthError              a token or upgrade request failed authentication (server side)
     ├── AckTimeout             no reply to a request in time (client side; also a TimeoutError)
     ├── ConnectionClosed       the connection is gone (client side; also a ConnectionError)
     │   └── ConnectionLost     it went while a publish awaited its ack (maybe delivered)
@@ -76,6 +77,22 @@ class ProtocolError(DwspsError):
         self.detail = detail
         self.action = action
         self.request_id = request_id
+
+
+class AuthError(DwspsError):
+    """Authentication failed; the message is a short reason fit to show the client.
+
+    At the upgrade it becomes an HTTP 401 with ``reason`` as the plain-text
+    body; for an ``auth`` request, an ``unauthorized`` error and a 1008 close.
+    The reason never carries key material or token contents.
+    """
+
+    status = 401
+    """The HTTP status of a failed upgrade."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class RequestError(DwspsError):
