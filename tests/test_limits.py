@@ -133,7 +133,7 @@ def test_a_client_slightly_over_the_rate_is_refused_but_kept() -> None:
 
 def test_a_flood_is_closed_quickly() -> None:
     limiter = RequestLimiter(RateLimit(rate=10, burst=10))  # abuse: 50 in 10 s
-    verdicts = []
+    verdicts: list[Verdict] = []
     t = 0.0
     while not verdicts or verdicts[-1] is not Verdict.CLOSE:
         verdicts.append(limiter.check(t))

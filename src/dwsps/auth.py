@@ -148,8 +148,8 @@ class JwtVerifier:
             raise AuthError("malformed token")
         try:
             header = _JWS.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise AuthError("malformed token") from None
+        except jwt.PyJWTError as exc:
+            raise AuthError(_reason(exc)) from None
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._keys:
             raise AuthError("algorithm not allowed")
@@ -181,18 +181,18 @@ class JwtVerifier:
 
 def _secret_keys(secret: str | bytes) -> dict[str, bytes]:
     raw = secret.encode("utf-8") if isinstance(secret, str) else secret
-    try:
-        # PyJWT refuses secrets that look like public keys (PEM, SSH, JWK): key confusion.
-        raw = _JWS.get_algorithm_by_name("HS256").prepare_key(raw)
-    except jwt.PyJWTError:
-        raise AuthConfigError(
-            "the JWT secret looks like a public key; use a random secret"
-        ) from None
     keys = {alg: raw for alg, size in _HMAC_MIN_BYTES.items() if len(raw) >= size}
     if not keys:
         raise AuthConfigError(
             f"the JWT secret is {len(raw)} bytes; at least 32 are needed (RFC 7518, 3.2)"
         )
+    try:
+        # PyJWT refuses secrets that look like public keys (PEM, SSH, JWK): key confusion.
+        _JWS.get_algorithm_by_name("HS256").prepare_key(raw)
+    except jwt.PyJWTError:
+        raise AuthConfigError(
+            "the JWT secret looks like a public key; use a random secret"
+        ) from None
     return keys
 
 
