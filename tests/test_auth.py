@@ -28,7 +28,6 @@ from hypothesis import strategies as st
 from dwsps.auth import (
     MAX_TOKEN_LENGTH,
     UNAUTHENTICATED,
-    AuthConfigError,
     Authenticator,
     Identity,
     JwtVerifier,
@@ -36,7 +35,7 @@ from dwsps.auth import (
     mint_token,
     token_from_request,
 )
-from dwsps.errors import AuthError, DwspsError
+from dwsps.errors import AuthConfigError, AuthError, ConfigError, DwspsError
 from dwsps.permissions import Permissions
 
 NOW = 1_700_000_000.0
@@ -450,6 +449,7 @@ def test_weak_or_unsupported_public_keys_are_refused() -> None:
 def test_auth_errors_belong_to_the_tree() -> None:
     assert issubclass(AuthError, DwspsError)
     assert AuthError("token expired").status == 401
+    assert issubclass(AuthConfigError, ConfigError)
     assert issubclass(AuthConfigError, ValueError)
 
 

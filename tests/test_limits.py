@@ -159,7 +159,6 @@ def test_every_request_gets_exactly_one_answer(
         if verdict is Verdict.CLOSE:
             break
     assert acked + rate_limited == sent
-    assert limiter._bucket.tokens <= burst
 
 
 @pytest.mark.parametrize(

@@ -8,12 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dwsps.errors import PermissionsError
 from dwsps.permissions import (
     DEFAULT_CACHE_SIZE,
     UNRESTRICTED,
     PermissionChecker,
     Permissions,
-    PermissionsError,
     checker_for,
     parse_permissions,
 )

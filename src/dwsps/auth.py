@@ -37,8 +37,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from dwsps.errors import AuthError
-from dwsps.permissions import Permissions, PermissionsError, parse_permissions
+from dwsps.errors import AuthConfigError, AuthError, PermissionsError
+from dwsps.permissions import Permissions, parse_permissions
 from dwsps.topics import DEFAULT_LIMITS, TopicLimits
 
 MAX_TOKEN_LENGTH: Final = 8192
@@ -55,10 +55,6 @@ _HMAC_MIN_BYTES: Final = {"HS256": 32, "HS384": 48, "HS512": 64}
 _RSA_MIN_BITS: Final = 2048
 
 _JWS: Final = jwt.PyJWS()
-
-
-class AuthConfigError(ValueError):
-    """The authentication settings are unusable (bad key, algorithm, secret length, ...)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,8 @@ are exceptions. Every code and close code the project uses is listed here::
     ├── SubscriptionLimitError a subscriber holds as many subscriptions as it may (server side)
     ├── TopicError             a topic breaks the topic rules (also a ValueError)
     ├── ConfigError            a configuration source holds something invalid (also a ValueError)
+    │   └── AuthConfigError    authentication settings are unusable: key, algorithm, secret
+    ├── PermissionsError       a permission list (a token's dwsps claim) is malformed (ValueError)
     └── EnvelopeError          a backplane message is not a dwsps envelope (also a ValueError)
 
 The ``ValueError`` / ``TimeoutError`` / ``ConnectionError`` bases let callers that
@@ -173,6 +175,14 @@ class TopicError(DwspsError, ValueError):
 
 class ConfigError(DwspsError, ValueError):
     """A configuration source holds something invalid; the message names the source and key."""
+
+
+class AuthConfigError(ConfigError):
+    """Authentication settings are unusable (bad key, algorithm, secret length, ...)."""
+
+
+class PermissionsError(DwspsError, ValueError):
+    """A permission list (a token's ``dwsps`` claim or a setting) is malformed."""
 
 
 class EnvelopeError(DwspsError, ValueError):

@@ -26,14 +26,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import ClassVar, Final
 
-from dwsps.topics import DEFAULT_LIMITS, WILDCARD, TopicError, TopicLimits, validate
+from dwsps.errors import PermissionsError, TopicError
+from dwsps.topics import DEFAULT_LIMITS, WILDCARD, TopicLimits, validate
 
 DEFAULT_CACHE_SIZE: Final = 128
 """Checked topics remembered per connection; bounded so cycling topics cannot grow it."""
-
-
-class PermissionsError(ValueError):
-    """A permission list (a token's ``dwsps`` claim or a setting) is malformed."""
 
 
 @dataclass(frozen=True, slots=True)
