@@ -23,6 +23,9 @@ PURE = {
     "dwsps.redact",
     "dwsps.config",
     "dwsps.links.envelope",
+    "dwsps.permissions",
+    "dwsps.limits",
+    "dwsps.auth",
 }
 """Modules that do no I/O: they may import neither asyncio nor a WebSocket library."""
 IO_LIBRARIES = ("asyncio", "picows", "websockets", "redis", "socket", "ssl", "uvloop")

@@ -7,12 +7,15 @@ are exceptions. Every code and close code the project uses is listed here::
     ├── ProtocolError          the peer sent something invalid (server side)
     ├── RequestError           the server answered a request with an error (client side)
     │   └── ... one subclass per ErrorCode, see REQUEST_ERRORS
+    ├── AuthError              a token or upgrade request failed authentication (server side)
     ├── AckTimeout             no reply to a request in time (client side; also a TimeoutError)
     ├── ConnectionClosed       the connection is gone (client side; also a ConnectionError)
     │   └── ConnectionLost     it went while a publish awaited its ack (maybe delivered)
     ├── SubscriptionLimitError a subscriber holds as many subscriptions as it may (server side)
     ├── TopicError             a topic breaks the topic rules (also a ValueError)
     ├── ConfigError            a configuration source holds something invalid (also a ValueError)
+    │   └── AuthConfigError    authentication settings are unusable: key, algorithm, secret
+    ├── PermissionsError       a permission list (a token's dwsps claim) is malformed (ValueError)
     └── EnvelopeError          a backplane message is not a dwsps envelope (also a ValueError)
 
 The ``ValueError`` / ``TimeoutError`` / ``ConnectionError`` bases let callers that
@@ -76,6 +79,22 @@ class ProtocolError(DwspsError):
         self.detail = detail
         self.action = action
         self.request_id = request_id
+
+
+class AuthError(DwspsError):
+    """Authentication failed; the message is a short reason fit to show the client.
+
+    At the upgrade it becomes an HTTP 401 with ``reason`` as the plain-text
+    body; for an ``auth`` request, an ``unauthorized`` error and a 1008 close.
+    The reason never carries key material or token contents.
+    """
+
+    status = 401
+    """The HTTP status of a failed upgrade."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class RequestError(DwspsError):
@@ -156,6 +175,14 @@ class TopicError(DwspsError, ValueError):
 
 class ConfigError(DwspsError, ValueError):
     """A configuration source holds something invalid; the message names the source and key."""
+
+
+class AuthConfigError(ConfigError):
+    """Authentication settings are unusable (bad key, algorithm, secret length, ...)."""
+
+
+class PermissionsError(DwspsError, ValueError):
+    """A permission list (a token's ``dwsps`` claim or a setting) is malformed."""
 
 
 class EnvelopeError(DwspsError, ValueError):
