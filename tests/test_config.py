@@ -274,6 +274,10 @@ def test_peer_token_flag_rejects(bad: str, capsys: pytest.CaptureFixture[str]) -
 
 def sample(s: Setting) -> tuple[Any, str, list[str], list[str]]:
     """A non-default value of ``s`` and its TOML text, env text and flag arguments."""
+    if s.kind == "bool":
+        value = not s.default
+        flag = s.flag if value else "--no-" + s.flag[2:]
+        return value, json.dumps(value), [str(value).lower()], [flag]
     if s.kind in ("int", "float"):
         value = s.default + 1
         return value, str(value), [str(value)], [s.flag, str(value)]
@@ -297,7 +301,7 @@ def sample(s: Setting) -> tuple[Any, str, list[str], list[str]]:
 def test_every_field_is_a_setting() -> None:
     assert [s.name for s in SETTINGS] == [f.name for f in dataclasses.fields(ServerConfig)]
     assert len({s.flag for s in SETTINGS}) == len(SETTINGS)
-    assert {s.kind for s in SETTINGS} <= {"int", "float", "str", "list", "dict"}  # see sample()
+    assert {s.kind for s in SETTINGS} <= {"bool", "int", "float", "str", "list", "dict"}  # sample()
 
 
 @pytest.mark.parametrize("s", SETTINGS, ids=lambda s: s.name)

@@ -153,6 +153,81 @@ class ServerConfig:
     )
     tls_cert: str = setting("", help="PEM certificate chain: serve wss://", metavar="PEM")
     tls_key: str = setting("", help="PEM private key, if not in --tls-cert", metavar="PEM")
+    auth_jwt_secret: str = setting(
+        "",
+        help="require a JWT signed with this shared secret (HS256/384/512); prefer"
+        " --auth-jwt-secret-file or DWSPS_AUTH_JWT_SECRET so it stays out of ps",
+        metavar="SECRET",
+    )
+    auth_jwt_secret_file: str = setting(
+        "", help="read the JWT secret from FILE (a trailing newline is dropped)", metavar="FILE"
+    )
+    auth_jwt_public_key: str = setting(
+        "",
+        help="require a JWT signed with the key in this PEM file (RS*/PS*, ES256/384, EdDSA)",
+        metavar="FILE",
+    )
+    auth_jwt_algorithms: list[str] = setting(
+        [],
+        help="accept only these JWT algorithms (when unset: all that the keys allow)",
+        metavar="ALG",
+        flag="--auth-jwt-algorithm",
+    )
+    auth_jwt_audience: str = setting(
+        "", help="require this aud claim in tokens", metavar="AUDIENCE"
+    )
+    auth_jwt_issuer: str = setting("", help="require this iss claim in tokens", metavar="ISSUER")
+    auth_jwt_leeway: float = setting(
+        0.0,
+        help="clock skew allowed when checking exp and nbf",
+        metavar="SECONDS",
+        parse=parse_duration,
+    )
+    auth_default_subscribe: list[str] = setting(
+        ["*"],
+        help="what a token without a dwsps claim may subscribe to",
+        metavar="PATTERN",
+        flag="--auth-default-subscribe",
+    )
+    auth_default_publish: list[str] = setting(
+        ["*"],
+        help="what a token without a dwsps claim may publish to",
+        metavar="PATTERN",
+        flag="--auth-default-publish",
+    )
+    allow_anonymous: bool = setting(
+        False, help="with a JWT key configured, let clients without a token in too"
+    )
+    anonymous_subscribe: list[str] = setting(
+        [],
+        help="what anonymous clients may subscribe to (with --allow-anonymous)",
+        metavar="PATTERN",
+        flag="--anonymous-subscribe",
+    )
+    anonymous_publish: list[str] = setting(
+        [],
+        help="what anonymous clients may publish to (with --allow-anonymous)",
+        metavar="PATTERN",
+        flag="--anonymous-publish",
+    )
+    allowed_origins: list[str] = setting(
+        [],
+        help="refuse (403) browser upgrades whose Origin is not ORIGIN (unset: any origin)",
+        metavar="ORIGIN",
+        flag="--allowed-origin",
+    )
+    rate_limit: float = setting(
+        0.0, help="requests per second per connection; 0: unlimited", metavar="PER_SECOND"
+    )
+    rate_burst: int = setting(
+        100, help="requests a connection may send at once above --rate-limit", metavar="N"
+    )
+    max_connections: int = setting(
+        0, help="connections the server accepts; over it the upgrade gets 503", metavar="N"
+    )
+    max_connections_per_ip: int = setting(
+        0, help="connections per client address; over it the upgrade gets 429", metavar="N"
+    )
     backplane: str = setting(
         "memory://", help="memory:// (this server) or redis://...", metavar="URL"
     )

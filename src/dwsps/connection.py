@@ -35,7 +35,10 @@ from picows import (
     WSUpgradeResponse,
 )
 
+from dwsps.auth import UNAUTHENTICATED, Identity
 from dwsps.errors import CloseCode
+from dwsps.limits import RequestLimiter
+from dwsps.permissions import PermissionChecker, checker_for
 from dwsps.router import Batch
 
 log = logging.getLogger("dwsps.server")
@@ -150,23 +153,29 @@ class Connection(WSListener):
     """Server-side state of one WebSocket client.
 
     Kept small on purpose (``__slots__``, lazily created containers): idle
-    connections are the bulk of a busy server's memory. ``invalid_streak``
-    and ``is_peer`` are the hub's per-connection state, kept here to save a
-    lookup per request.
+    connections are the bulk of a busy server's memory. ``identity``,
+    ``permissions``, ``limiter``, ``expiry``, ``invalid_streak`` and
+    ``is_peer`` are the hub's per-connection state, kept here to save a lookup
+    per request.
     """
 
     __slots__ = (
         "awaiting_pong",
         "client_id",
         "closing",
+        "expiry",
         "frag",
         "frag_binary",
         "host",
+        "identity",
         "invalid_streak",
         "is_peer",
+        "limiter",
         "limits",
         "pending",
+        "permissions",
         "raw",
+        "remote",
         "transport",
         "writer",
     )
@@ -178,12 +187,20 @@ class Connection(WSListener):
         limits: ConnectionLimits,
         client_id: str,
         is_peer: bool,
+        identity: Identity = UNAUTHENTICATED,
+        remote: str = "",
+        limiter: RequestLimiter | None = None,
     ) -> None:
         self.host = host
         self.writer = writer
         self.limits = limits
         self.client_id = client_id
         self.is_peer = is_peer
+        self.identity = identity
+        self.permissions: PermissionChecker = checker_for(identity.permissions)
+        self.remote = remote
+        self.limiter = limiter
+        self.expiry: asyncio.TimerHandle | None = None
         self.transport: WSTransport | None = None
         self.raw: asyncio.Transport | None = None
         self.pending: list[bytes] | None = None
@@ -195,6 +212,16 @@ class Connection(WSListener):
 
     def __repr__(self) -> str:
         return f"<Connection {self.client_id}>"
+
+    @property
+    def user(self) -> str | None:
+        """Who the connection authenticated as (the token's ``sub``), if anyone."""
+        return self.identity.user
+
+    @property
+    def opened(self) -> bool:
+        """Whether the WebSocket handshake completed."""
+        return self.transport is not None
 
     # -- picows callbacks -------------------------------------------------
 

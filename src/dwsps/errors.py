@@ -11,6 +11,7 @@ are exceptions. Every code and close code the project uses is listed here::
     ├── AckTimeout             no reply to a request in time (client side; also a TimeoutError)
     ├── ConnectionClosed       the connection is gone (client side; also a ConnectionError)
     │   └── ConnectionLost     it went while a publish awaited its ack (maybe delivered)
+    ├── PermissionDenied       a request is outside the connection's permissions (server side)
     ├── SubscriptionLimitError a subscriber holds as many subscriptions as it may (server side)
     ├── TopicError             a topic breaks the topic rules (also a ValueError)
     ├── ConfigError            a configuration source holds something invalid (also a ValueError)
@@ -37,6 +38,7 @@ class ErrorCode(StrEnum):
     FORBIDDEN = "forbidden"
     RATE_LIMITED = "rate_limited"
     TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
+    UNAUTHORIZED = "unauthorized"
 
 
 class CloseCode(IntEnum):
@@ -137,6 +139,10 @@ class TooManySubscriptionsError(RequestError):
     """The connection holds as many subscriptions as it may."""
 
 
+class UnauthorizedError(RequestError):
+    """The server refused the token of an ``auth`` request (it closes the connection)."""
+
+
 REQUEST_ERRORS: dict[str, type[RequestError]] = {
     ErrorCode.INVALID_JSON: InvalidJsonError,
     ErrorCode.INVALID_MESSAGE: InvalidMessageError,
@@ -145,6 +151,7 @@ REQUEST_ERRORS: dict[str, type[RequestError]] = {
     ErrorCode.FORBIDDEN: ForbiddenError,
     ErrorCode.RATE_LIMITED: RateLimitedError,
     ErrorCode.TOO_MANY_SUBSCRIPTIONS: TooManySubscriptionsError,
+    ErrorCode.UNAUTHORIZED: UnauthorizedError,
 }
 
 
@@ -195,3 +202,7 @@ class SubscriptionLimitError(DwspsError):
     def __init__(self, limit: int) -> None:
         super().__init__(f"at most {limit} subscriptions per connection")
         self.limit = limit
+
+
+class PermissionDenied(DwspsError):
+    """A request is outside the connection's permissions (the server replies ``forbidden``)."""

@@ -1,8 +1,9 @@
 """Plain HTTP on the server's port: requests without ``Upgrade: websocket``.
 
-Routes map a path to a handler that returns an :class:`HttpResponse`. Any
-path that is not a route answers 404 to plain HTTP and stays upgradable to a
-WebSocket (original clients use any path).
+Routes map a path (and methods) to a handler that takes an :class:`HttpRequest`
+and returns an :class:`HttpResponse`. Any path that is not a route answers 404
+to plain HTTP and stays upgradable to a WebSocket (original clients use any
+path). Parsing and the socket belong to :mod:`dwsps.listener`.
 """
 
 from __future__ import annotations
@@ -12,9 +13,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from picows import WSUpgradeRequest, WSUpgradeResponse
+from multidict import CIMultiDict, CIMultiDictProxy
 
-Handler = Callable[[], "HttpResponse"]
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    """One plain HTTP request, body read in full (bounded by the listener)."""
+
+    method: str
+    path: str
+    query: str = ""
+    headers: CIMultiDictProxy[str] = field(default_factory=lambda: CIMultiDictProxy(CIMultiDict()))
+    body: bytes = b""
+    remote: str = ""
+
+    def bearer(self) -> str | None:
+        """The token of an ``Authorization: Bearer`` header, if any."""
+        auth = self.headers.get("Authorization", "")
+        scheme, _, token = auth.partition(" ")
+        return token.strip() or None if scheme.lower() == "bearer" else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,12 +44,20 @@ class HttpResponse:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
+Handler = Callable[[HttpRequest], HttpResponse]
+
+
 def json_response(obj: Any, status: int = 200) -> HttpResponse:
     """``obj`` as a JSON answer."""
     return HttpResponse(status, orjson.dumps(obj))
 
 
-NOT_FOUND = HttpResponse(404, b"not found: dwsps speaks WebSocket here\n", "text/plain")
+def text_response(status: int, text: str) -> HttpResponse:
+    """A one-line plain-text answer (errors at the upgrade, for example)."""
+    return HttpResponse(status, text.encode() + b"\n", "text/plain; charset=utf-8")
+
+
+NOT_FOUND = text_response(404, "not found: dwsps speaks WebSocket here")
 
 
 class HttpRoutes:
@@ -41,25 +66,26 @@ class HttpRoutes:
     __slots__ = ("_routes",)
 
     def __init__(self) -> None:
-        self._routes: dict[str, Handler] = {}
+        self._routes: dict[str, tuple[frozenset[str], Handler]] = {}
 
-    def add(self, path: str, handler: Handler) -> None:
-        """Answer ``GET path`` with ``handler()``."""
-        self._routes[path] = handler
+    def add(self, path: str, handler: Handler, methods: tuple[str, ...] = ("GET",)) -> None:
+        """Answer ``methods`` on ``path`` with ``handler(request)`` (``HEAD`` goes with ``GET``)."""
+        allowed = set(methods)
+        if "GET" in allowed:
+            allowed.add("HEAD")
+        self._routes[path] = (frozenset(allowed), handler)
 
     def get(self, path: str) -> HttpResponse:
-        """The answer for ``path`` (404 when it is no route)."""
-        handler = self._routes.get(path)
-        return NOT_FOUND if handler is None else handler()
+        """The answer to ``GET path`` (tests and tools)."""
+        return self.respond(HttpRequest("GET", path))
 
-    def respond(self, request: WSUpgradeRequest) -> WSUpgradeResponse:
-        """The picows response for a plain HTTP request."""
-        path = request.path.split(b"?", 1)[0].decode("latin-1")
-        answer = self.get(path)
-        headers = {"Content-Type": answer.content_type, **answer.headers}
-        response: WSUpgradeResponse
-        if answer.status == 200:
-            response = WSUpgradeResponse.create_ok_response(answer.body, headers)
-        else:
-            response = WSUpgradeResponse.create_error_response(answer.status, answer.body, headers)
-        return response
+    def respond(self, request: HttpRequest) -> HttpResponse:
+        """The answer to ``request``: its route's, 404 or 405."""
+        route = self._routes.get(request.path)
+        if route is None:
+            return NOT_FOUND
+        methods, handler = route
+        if request.method not in methods:
+            allow = ", ".join(sorted(methods))
+            return HttpResponse(405, b"method not allowed\n", "text/plain", {"Allow": allow})
+        return handler(request)

@@ -18,16 +18,27 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from dataclasses import dataclass, fields
 from typing import Any
 
+from dwsps.auth import UNAUTHENTICATED, Authenticator, Identity
 from dwsps.config import ServerConfig
 from dwsps.connection import Connection, ConnectionLimits, Writer
-from dwsps.errors import CloseCode, ErrorCode, ProtocolError, SubscriptionLimitError
+from dwsps.errors import (
+    AuthError,
+    CloseCode,
+    ErrorCode,
+    PermissionDenied,
+    ProtocolError,
+    SubscriptionLimitError,
+)
 from dwsps.events import Events
 from dwsps.frames import text_frame
+from dwsps.limits import ConnectionLimiter, RateLimit, RequestLimiter, Verdict
 from dwsps.links import Link
 from dwsps.messages import (
+    Auth,
     Clock,
     DeliveryEncoder,
     Publish,
@@ -37,6 +48,7 @@ from dwsps.messages import (
     encode_error,
     parse_request,
 )
+from dwsps.permissions import checker_for
 from dwsps.router import Admission, Router
 
 log = logging.getLogger("dwsps.server")
@@ -52,6 +64,7 @@ class ServerStats:
     deliveries: int = 0
     errors_sent: int = 0
     slow_consumers: int = 0
+    rate_limited: int = 0
     heartbeat_timeouts: int = 0
     invalid_closes: int = 0
     duplicates_dropped: int = 0
@@ -64,8 +77,21 @@ class ServerStats:
 class Hub:
     """Connections, requests and the publish path of one server (see the module docstring)."""
 
-    def __init__(self, config: ServerConfig, server_id: str, events: Events) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        server_id: str,
+        events: Events,
+        authenticator: Authenticator | None = None,
+    ) -> None:
         self.config = config
+        self.authenticator = authenticator or Authenticator()
+        self.admission = ConnectionLimiter(config.max_connections, config.max_connections_per_ip)
+        self._rate = RateLimit(config.rate_limit, config.rate_burst) if config.rate_limit else None
+        # fromPeerServer is trusted only from authenticated peers once anything is authenticated.
+        self._peers_must_authenticate = bool(
+            config.accept_peer_tokens or self.authenticator.enabled
+        )
         self._server_id = server_id
         self.events = events
         self.stats = ServerStats()
@@ -97,12 +123,21 @@ class Hub:
         self._writer = writer
         self.links = links
 
-    def new_connection(self, is_peer: bool) -> Connection:
-        """A connection object for an accepted upgrade."""
+    def new_connection(
+        self, is_peer: bool, identity: Identity = UNAUTHENTICATED, remote: str = ""
+    ) -> Connection:
+        """A connection object for an admitted upgrade (counted in :attr:`admission`)."""
         assert self._writer is not None, "attach() first"
         self._counter += 1
         client_id = f"{secrets.token_urlsafe(9)}{self._counter:x}"
-        return Connection(self, self._writer, self._limits, client_id, is_peer)
+        limiter = RequestLimiter(self._rate) if self._rate is not None and not is_peer else None
+        return Connection(
+            self, self._writer, self._limits, client_id, is_peer, identity, remote, limiter
+        )
+
+    def abandon(self, conn: Connection) -> None:
+        """An admitted upgrade that never opened: release what admission counted."""
+        self.admission.release(conn.remote)
 
     # -- ConnectionHost ---------------------------------------------------
 
@@ -110,6 +145,7 @@ class Hub:
         """Register a connection whose handshake completed."""
         self.connections[conn.client_id] = conn
         self.stats.connections_total += 1
+        self._schedule_expiry(conn)
         if self.events.has("connect"):
             self.events.emit("connect", conn.client_id)
 
@@ -117,6 +153,10 @@ class Hub:
         """Forget a connection and everything it held."""
         if self.connections.pop(conn.client_id, None) is None:
             return
+        self.admission.release(conn.remote)
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+            conn.expiry = None
         self.router.drop(conn)
         if self.events.has("disconnect"):
             self.events.emit("disconnect", conn.client_id)
@@ -126,12 +166,17 @@ class Hub:
         self.stats.requests += 1
         try:
             req = parse_request(data, self._topic_limits)
+            limiter = conn.limiter
+            if limiter is not None and not self._allowed(conn, limiter, req):
+                return
             if type(req) is Publish:
                 self._on_publish(conn, req)
             elif type(req) is Subscribe:
                 self._on_subscribe(conn, req)
             elif type(req) is Unsubscribe:
                 self._on_unsubscribe(conn, req)
+            elif type(req) is Auth:
+                self._on_auth(conn, req)
         except ProtocolError as err:
             if err.code is ErrorCode.INVALID_JSON and not _is_utf8(data):
                 conn.fail(CloseCode.INVALID_TEXT, "text frame is not valid UTF-8")
@@ -166,12 +211,40 @@ class Hub:
             self.stats.invalid_closes += 1
             conn.fail(CloseCode.POLICY_VIOLATION, "too many invalid requests")
 
-    def _ack(self, conn: Connection, action: str, topic: str, req_id: str | int | None) -> None:
+    def _ack(
+        self, conn: Connection, action: str, topic: str | None, req_id: str | int | None
+    ) -> None:
         conn.send(text_frame(encode_ack(action, topic, self._clock.now(), req_id)))
+
+    def _allowed(self, conn: Connection, limiter: RequestLimiter, req: object) -> bool:
+        """The rate limit: False (and the refusal sent) when ``req`` is over it."""
+        verdict = limiter.check(self._now())
+        if verdict is Verdict.ALLOW:
+            return True
+        action = type(req).__name__.lower()
+        err = ProtocolError(
+            ErrorCode.RATE_LIMITED,
+            f"over {self.config.rate_limit:g} requests/s (burst {self.config.rate_burst})",
+            action,
+            getattr(req, "id", None),
+        )
+        self.stats.errors_sent += 1
+        self.stats.rate_limited += 1
+        conn.send(text_frame(encode_error(err, self._clock.now())))
+        if verdict is Verdict.CLOSE:
+            conn.fail(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+        return False
+
+    def _now(self) -> float:
+        """The event loop's clock (what rate limits and expiry timers count in)."""
+        assert self._writer is not None
+        return self._writer.loop.time()
 
     def _on_subscribe(self, conn: Connection, req: Subscribe) -> None:
         try:
-            self.router.subscribe(conn, req.topic)
+            self.router.subscribe(conn, req.topic, conn.permissions)
+        except PermissionDenied as exc:
+            raise ProtocolError(ErrorCode.FORBIDDEN, str(exc), "subscribe", req.id) from None
         except SubscriptionLimitError as exc:
             raise ProtocolError(
                 ErrorCode.TOO_MANY_SUBSCRIPTIONS, str(exc), "subscribe", req.id
@@ -187,15 +260,45 @@ class Hub:
             self.events.emit("unsubscribe", req.topic, conn.client_id)
 
     def _on_publish(self, conn: Connection, req: Publish) -> None:
-        if req.from_peer and self.config.accept_peer_tokens and not conn.is_peer:
+        if req.from_peer and self._peers_must_authenticate and not conn.is_peer:
             raise ProtocolError(
                 ErrorCode.FORBIDDEN,
                 "fromPeerServer is accepted only from authenticated peers",
                 "publish",
                 req.id,
             )
+        try:
+            self.router.authorize_publish(conn.permissions, req.topic)
+        except PermissionDenied as exc:
+            raise ProtocolError(ErrorCode.FORBIDDEN, str(exc), "publish", req.id) from None
         self.route(req, conn.client_id)
         self._ack(conn, "publish", req.topic, req.id)
+
+    def _on_auth(self, conn: Connection, req: Auth) -> None:
+        try:
+            identity = self.authenticator.refresh(req.token)
+        except AuthError as exc:
+            self.stats.errors_sent += 1
+            err = ProtocolError(ErrorCode.UNAUTHORIZED, exc.reason, "auth", req.id)
+            conn.send(text_frame(encode_error(err, self._clock.now())))
+            conn.fail(CloseCode.POLICY_VIOLATION, "unauthorized")
+            return
+        conn.identity = identity
+        conn.permissions = checker_for(identity.permissions)
+        # New permissions apply to what is held, not only to what comes next.
+        self.router.revoke(conn, conn.permissions)
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+            conn.expiry = None
+        self._schedule_expiry(conn)
+        self._ack(conn, "auth", None, req.id)
+
+    def _schedule_expiry(self, conn: Connection) -> None:
+        expires_at = conn.identity.expires_at
+        if expires_at is None or self._writer is None:
+            return
+        delay = max(0.0, expires_at - time.time())
+        conn.expiry = self._writer.loop.call_later(delay, _expire, conn)
 
     # -- the publish path -------------------------------------------------
 
@@ -286,6 +389,11 @@ class Hub:
         if not healthy:
             body["status"] = "degraded"
         return healthy, body
+
+
+def _expire(conn: Connection) -> None:
+    conn.expiry = None
+    conn.fail(CloseCode.POLICY_VIOLATION, "token expired")
 
 
 def _is_utf8(data: bytes) -> bool:

@@ -67,9 +67,18 @@ class Publish:
     seq: int | None = None
 
 
-Request = Subscribe | Unsubscribe | Publish
+@dataclass(slots=True)
+class Auth:
+    """An ``auth`` request (extension): replace the connection's token and permissions."""
 
-_KNOWN_TYPES: Final = ("subscribe", "unsubscribe", "publish")
+    token: str
+    id: RequestId | None = None
+
+
+Request = Subscribe | Unsubscribe | Publish | Auth
+
+MAX_TOKEN_LENGTH: Final = 8192
+_KNOWN_TYPES: Final = ("subscribe", "unsubscribe", "publish", "auth")
 
 
 def parse_request(data: bytes | str, limits: TopicLimits = DEFAULT_LIMITS) -> Request:
@@ -105,6 +114,13 @@ def request_from_object(obj: dict[str, Any], limits: TopicLimits = DEFAULT_LIMIT
         )
     if id_problem is not None:
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, id_problem, kind)
+    if kind == "auth":
+        token = obj.get("token")
+        if not isinstance(token, str) or not token:
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'token' must be a string", kind, req_id)
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, "token too long", kind, req_id)
+        return Auth(token, req_id)
     if "topic" not in obj:
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "missing 'topic'", kind, req_id)
     try:
@@ -171,14 +187,11 @@ class Clock:
         return self._text
 
 
-def encode_ack(action: str, topic: str, timestamp: str, req_id: RequestId | None) -> bytes:
-    """An ``ack`` reply."""
-    reply: dict[str, Any] = {
-        "type": "ack",
-        "action": action,
-        "timestamp": timestamp,
-        "topic": topic,
-    }
+def encode_ack(action: str, topic: str | None, timestamp: str, req_id: RequestId | None) -> bytes:
+    """An ``ack`` reply (``topic`` is None for requests without one, e.g. ``auth``)."""
+    reply: dict[str, Any] = {"type": "ack", "action": action, "timestamp": timestamp}
+    if topic is not None:
+        reply["topic"] = topic
     if req_id is not None:
         reply["id"] = req_id
     return orjson.dumps(reply)

@@ -44,9 +44,10 @@ from enum import Enum
 from typing import Generic, TypeVar
 
 from dwsps.dedup import Deduplicator
-from dwsps.errors import SubscriptionLimitError
+from dwsps.errors import PermissionDenied, SubscriptionLimitError
 from dwsps.interest import InterestCounter
 from dwsps.messages import Publish
+from dwsps.permissions import UNRESTRICTED, PermissionChecker
 from dwsps.topics import SubscriptionTrie
 
 C = TypeVar("C", bound=Hashable)
@@ -120,12 +121,17 @@ class Router(Generic[C]):
 
     # -- subscriptions ------------------------------------------------------
 
-    def subscribe(self, subscriber: C, topic: str) -> bool:
+    def subscribe(
+        self, subscriber: C, topic: str, permissions: PermissionChecker = UNRESTRICTED
+    ) -> bool:
         """Hold ``topic`` for ``subscriber``; False if it already was (idempotent).
 
-        Raises :class:`SubscriptionLimitError` when the subscriber holds
+        Raises :class:`PermissionDenied` when ``permissions`` do not cover
+        ``topic``, :class:`SubscriptionLimitError` when the subscriber holds
         ``max_subscriptions`` already.
         """
+        if not permissions.may_subscribe(topic):
+            raise PermissionDenied(f"not permitted to subscribe to {topic!r}")
         subs = self._subs.get(subscriber)
         if subs is None:
             subs = self._subs[subscriber] = set()
@@ -161,6 +167,18 @@ class Router(Generic[C]):
             self._trie.remove(topic, subscriber)
             self._interest.remove(topic)
         return sorted(subs)
+
+    def revoke(self, subscriber: C, permissions: PermissionChecker) -> list[str]:
+        """Release what ``subscriber`` holds that ``permissions`` no longer cover; return it."""
+        gone = [t for t in self._subs.get(subscriber, ()) if not permissions.may_subscribe(t)]
+        for topic in gone:
+            self.unsubscribe(subscriber, topic)
+        return sorted(gone)
+
+    def authorize_publish(self, permissions: PermissionChecker, topic: str) -> None:
+        """Raise :class:`PermissionDenied` unless ``permissions`` cover publishing to ``topic``."""
+        if not permissions.may_publish(topic):
+            raise PermissionDenied(f"not permitted to publish to {topic!r}")
 
     def subscriptions(self, subscriber: C) -> frozenset[str]:
         """The topics ``subscriber`` holds."""

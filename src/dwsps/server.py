@@ -15,26 +15,27 @@ import contextlib
 import logging
 import secrets
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
-from picows import (
-    WSUpgradeRequest,
-    WSUpgradeResponseWithListener,
-    ws_create_server,
-)
+from picows import WSListener
 
+from dwsps.auth import Authenticate, Authenticator, Identity, JwtVerifier, UpgradeRequest
 from dwsps.config import ServerConfig
 from dwsps.connection import Connection, Writer
+from dwsps.errors import AuthError, ConfigError
 from dwsps.events import Events
-from dwsps.http import Handler, HttpResponse, HttpRoutes, json_response
+from dwsps.http import Handler, HttpRequest, HttpResponse, HttpRoutes, json_response, text_response
 from dwsps.hub import Hub, ServerStats
+from dwsps.limits import OriginPolicy
 from dwsps.links import Link
 from dwsps.links.backplane import BackplaneLink, BackplaneOptions, create_backplane
 from dwsps.links.peering import PeerAuth, PeerLinks
+from dwsps.listener import Admitted, FrontDoor, ListenerSettings
 from dwsps.messages import Clock, Publish
+from dwsps.permissions import Permissions
 from dwsps.topics import validate
 
 log = logging.getLogger("dwsps.server")
@@ -61,16 +62,32 @@ class Server:
     >>> await server.start()
     """
 
-    def __init__(self, config: ServerConfig | None = None, **options: Any) -> None:
-        """Configure from a :class:`ServerConfig`, keyword options, or both (options win)."""
+    def __init__(
+        self,
+        config: ServerConfig | None = None,
+        *,
+        authenticate: Authenticate | None = None,
+        **options: Any,
+    ) -> None:
+        """Configure from a :class:`ServerConfig`, keyword options, or both (options win).
+
+        ``authenticate`` is an embedding application's own admission: an async
+        callable given each upgrade's :class:`~dwsps.auth.UpgradeRequest` that
+        returns an :class:`~dwsps.auth.Identity` or raises
+        :class:`~dwsps.errors.AuthError` (the client gets 401 with its reason).
+        Raises :class:`~dwsps.errors.ConfigError` for unusable auth settings.
+        """
         base = config or ServerConfig()
         self.config: ServerConfig = replace(base, **options) if options else base
         self.server_id = secrets.token_hex(8)
         self.events = Events(SERVER_EVENTS, log)
-        self.hub = Hub(self.config, self.server_id, self.events)
+        self.hub = Hub(
+            self.config, self.server_id, self.events, _authenticator(self.config, authenticate)
+        )
         self.http = HttpRoutes()
         self.http.add("/health", self._health)
         self._peer_auth = PeerAuth(self.config.accept_peer_tokens)
+        self._origins = OriginPolicy(self.config.allowed_origins)
         self._links: list[Link] = []
         self._peering: PeerLinks | None = None
         self._backplane: BackplaneLink | None = None
@@ -128,19 +145,18 @@ class Server:
         self._links = self._make_links()
         # Before the listener: subscriptions made while links start are seen by them.
         self.hub.attach(Writer(loop, self.hub.router), self._links)
-        self._server = await ws_create_server(
-            self._listener_factory,
+        settings = ListenerSettings(
+            max_frame_size=self.config.max_frame_size,
+            handshake_timeout=self.config.handshake_timeout,
+            max_body=self.config.max_frame_size,
+            # An adapter, not a Logger: given a Logger, picows makes a child
+            # Logger per connection (~0.5 KB each); an adapter is shared.
+            logger=_WS_LOG,
+        )
+        self._server = await loop.create_server(
+            lambda: FrontDoor(self, settings),
             self.config.host,
             self.config.port,
-            max_frame_size=self.config.max_frame_size,
-            websocket_handshake_timeout=self.config.handshake_timeout,
-            enable_auto_ping=False,
-            enable_auto_pong=False,  # Connection answers pings (after its RSV check)
-            read_buffer_init_size=2048,
-            # An adapter, not a name: given a Logger, picows makes a child
-            # Logger per connection (~0.5 KB each); an adapter is shared.
-            logger_name=_WS_LOG,
-            use_aiofastnet=False,
             ssl=self._tls_context(),
         )
         if self.config.heartbeat_interval > 0:
@@ -261,16 +277,59 @@ class Server:
 
     # -- listener, heartbeat, health --------------------------------------
 
-    def _listener_factory(
-        self, request: WSUpgradeRequest
-    ) -> Connection | WSUpgradeResponseWithListener:
-        if request.headers.get("Upgrade", "").lower() != "websocket":
-            return WSUpgradeResponseWithListener(self.http.respond(request), None)
-        is_peer = self._peer_auth.enabled and self._peer_auth.accepts(
-            request.headers.get("Authorization", ""),
-            request.path.partition(b"?")[2].decode("latin-1"),
-        )
-        return self.hub.new_connection(is_peer)
+    # -- the front door (dwsps.listener.Gate) ------------------------------
+
+    def http_request(self, request: HttpRequest) -> HttpResponse:
+        """Answer a plain HTTP request."""
+        return self.http.respond(request)
+
+    def admit(self, request: HttpRequest) -> Admitted | Awaitable[Admitted]:
+        """Decide on a WebSocket upgrade: Origin, connection caps, peer token, authentication."""
+        if not self._origins.allows(request.headers.get("Origin")):
+            return text_response(403, "origin not allowed")
+        hub = self.hub
+        refused = hub.admission.admit(request.remote)
+        if refused is not None:
+            return text_response(
+                refused,
+                "server at its connection limit"
+                if refused == 503
+                else "too many connections from your address",
+            )
+        if self._peer_auth.enabled and self._peer_auth.accepts(
+            request.headers.get("Authorization", ""), request.query
+        ):
+            return hub.new_connection(True, _PEER, request.remote)
+        upgrade = UpgradeRequest(request.path, request.query, request.headers, request.remote)
+        auth = hub.authenticator
+        if auth.hook is not None:
+            return self._admit_async(auth, upgrade)
+        try:
+            identity = auth.authenticate(upgrade)
+        except AuthError as exc:
+            hub.admission.release(request.remote)
+            return text_response(401, exc.reason)
+        return hub.new_connection(False, identity, request.remote)
+
+    async def _admit_async(self, auth: Authenticator, upgrade: UpgradeRequest) -> Admitted:
+        try:
+            identity = await auth.authenticate_async(upgrade)
+        except AuthError as exc:
+            self.hub.admission.release(upgrade.remote)
+            return text_response(401, exc.reason)
+        except BaseException:
+            self.hub.admission.release(upgrade.remote)
+            raise
+        return self.hub.new_connection(False, identity, upgrade.remote)
+
+    def abandon(self, listener: WSListener) -> None:
+        """An admitted upgrade never opened (the client left, or its headers were bad)."""
+        assert isinstance(listener, Connection)
+        self.hub.abandon(listener)
+
+    def opened(self, listener: WSListener) -> bool:
+        """Whether the handshake of ``listener`` completed."""
+        return isinstance(listener, Connection) and listener.opened
 
     async def _heartbeat_loop(self) -> None:
         interval = self.config.heartbeat_interval
@@ -278,6 +337,54 @@ class Server:
             await asyncio.sleep(interval)
             self.hub.heartbeat()
 
-    def _health(self) -> HttpResponse:
+    def _health(self, request: HttpRequest) -> HttpResponse:
         _, body = self.hub.health()
         return json_response(body)
+
+
+_PEER = Identity("peer", Permissions.EVERYTHING)
+"""The identity of a connection that presented a peer token."""
+
+
+def _authenticator(config: ServerConfig, hook: Authenticate | None) -> Authenticator:
+    """The server's authenticator from its settings (reads the key files)."""
+    secret = config.auth_jwt_secret
+    if config.auth_jwt_secret_file:
+        secret = _read(config.auth_jwt_secret_file, "auth_jwt_secret_file").rstrip("\r\n")
+    pem = (
+        _read(config.auth_jwt_public_key, "auth_jwt_public_key")
+        if config.auth_jwt_public_key
+        else None
+    )
+    verifier = None
+    if secret or pem:
+        verifier = JwtVerifier(
+            secret=secret or None,
+            public_key_pem=pem,
+            algorithms=tuple(config.auth_jwt_algorithms) or None,
+            audience=config.auth_jwt_audience or None,
+            issuer=config.auth_jwt_issuer or None,
+            leeway=config.auth_jwt_leeway,
+            default_permissions=Permissions(
+                tuple(config.auth_default_subscribe), tuple(config.auth_default_publish)
+            ),
+            limits=config.topic_limits,
+        )
+    elif config.allow_anonymous and hook is None:
+        log.warning("allow_anonymous has no effect without a JWT key: everyone may do everything")
+    return Authenticator(
+        verifier,
+        allow_anonymous=config.allow_anonymous,
+        anonymous_permissions=Permissions(
+            tuple(config.anonymous_subscribe), tuple(config.anonymous_publish)
+        ),
+        hook=hook,
+    )
+
+
+def _read(path: str, setting: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror or exc}") from None

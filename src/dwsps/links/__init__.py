@@ -21,10 +21,10 @@ hand publishes to, and no branch for it anywhere.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
-from dwsps.http import HttpResponse
+from dwsps.http import Handler
 from dwsps.messages import Clock, Publish
 from dwsps.router import Admission
 
@@ -81,6 +81,6 @@ class Link(ABC):
     def status(self) -> Any:
         """State and counters, JSON-ready."""
 
-    def http_routes(self) -> Mapping[str, Callable[[], HttpResponse]]:
+    def http_routes(self) -> Mapping[str, Handler]:
         """Extra ``GET`` paths this link serves (e.g. its own health check)."""
         return {}

@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from dwsps.errors import ConfigError, EnvelopeError
-from dwsps.http import HttpResponse, json_response
+from dwsps.http import Handler, HttpRequest, HttpResponse, json_response
 from dwsps.interest import ALL
 from dwsps.links import Link, LinkHost
 from dwsps.links import envelope as env
@@ -247,9 +247,9 @@ class BackplaneLink(Link):
         )
         return out
 
-    def http_routes(self) -> Mapping[str, Callable[[], HttpResponse]]:
+    def http_routes(self) -> Mapping[str, Handler]:
         """``GET /health/backplane``: 200 when healthy, else 503; the status as JSON."""
         return {"/health/backplane": self._health}
 
-    def _health(self) -> HttpResponse:
+    def _health(self, request: HttpRequest) -> HttpResponse:
         return json_response(self.status(), 200 if self.healthy else 503)

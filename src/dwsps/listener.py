@@ -1,0 +1,298 @@
+"""The server's port: every new TCP connection starts here.
+
+A :class:`FrontDoor` reads the connection's first HTTP request (h11 parses
+it, bounded in size and time) and then does one of two things:
+
+* a plain HTTP request (any method, with a body up to a limit) is answered by
+  the :class:`Gate`'s routes and the connection is closed;
+* a WebSocket upgrade is *admitted* by the gate first (Origin, connection
+  caps, authentication — possibly awaiting an embedding application's hook)
+  and, if it may proceed, the socket is handed to a picows protocol together
+  with the bytes read so far. From then on picows alone reads the socket: the
+  fast path pays nothing for the front door.
+
+A refused upgrade gets its HTTP status and a one-line plain-text reason; the
+WebSocket never opens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Protocol, cast
+
+import h11
+from multidict import CIMultiDict, CIMultiDictProxy
+from picows import WSAutoPingStrategy, WSListener
+
+# Not in picows' public stubs, but the class ws_create_server instantiates: the
+# hand-over builds the same protocol for a socket whose request we already read.
+from picows.picows import WSProtocol  # type: ignore[attr-defined]
+
+from dwsps.http import HttpRequest, HttpResponse, text_response
+
+log = logging.getLogger("dwsps.server")
+
+Admitted = WSListener | HttpResponse
+"""What admission decides: the connection's listener, or the HTTP refusal to send."""
+
+
+class Gate(Protocol):
+    """What the front door asks of the server."""
+
+    def http_request(self, request: HttpRequest) -> HttpResponse:
+        """Answer a plain HTTP request."""
+
+    def admit(self, request: HttpRequest) -> Admitted | Awaitable[Admitted]:
+        """Decide on a WebSocket upgrade (may be awaitable: an embedding hook)."""
+
+    def abandon(self, listener: WSListener) -> None:
+        """An admitted upgrade never became a connection: undo what admission counted."""
+
+    def opened(self, listener: WSListener) -> bool:
+        """Whether picows completed the handshake for ``listener``."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSettings:
+    """Bounds of the front door and the picows protocol it hands over to."""
+
+    max_frame_size: int
+    handshake_timeout: float
+    max_body: int
+    """Largest plain-HTTP request body (413 beyond)."""
+    max_head: int = 16 * 1024
+    """Largest request line plus headers (431 beyond)."""
+    logger: Any = None
+
+
+class FrontDoor(asyncio.Protocol):
+    """One accepted TCP connection until its first request is dealt with."""
+
+    def __init__(self, gate: Gate, settings: ListenerSettings) -> None:
+        self._gate = gate
+        self._settings = settings
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=settings.max_head)
+        self._raw = bytearray()
+        self._transport: asyncio.Transport | None = None
+        self._request: h11.Request | None = None
+        self._body = bytearray()
+        self._timer: asyncio.TimerHandle | None = None
+        self._done = False
+        self._lost = False
+
+    # -- asyncio.Protocol -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but they are.
+        self._transport = cast(asyncio.Transport, transport)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._settings.handshake_timeout, self._timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._cancel_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._done:
+            return
+        if self._request is None:
+            # Kept until a handover: picows reads the upgrade request again.
+            self._raw += data
+        try:
+            self._h11.receive_data(data)
+            self._advance()
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint
+            reason = "request header too large" if status == 431 else "malformed HTTP request"
+            self._answer(text_response(status, reason))
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport
+
+    # -- reading the request ----------------------------------------------
+
+    def _advance(self) -> None:
+        while not self._done:
+            event = self._h11.next_event()
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                if event is h11.PAUSED and self._request is not None:
+                    self._upgrade(self._request)
+                return
+            if isinstance(event, h11.Request):
+                if _is_upgrade(event):
+                    self._upgrade(event)
+                    return
+                self._request = event
+                self._raw.clear()
+                length = _header(event, b"content-length")
+                if length is not None and (
+                    not length.isdigit() or int(length) > self._settings.max_body
+                ):
+                    self._answer(text_response(413, "request body too large"))
+                    return
+            elif isinstance(event, h11.Data):
+                self._body += event.data
+                if len(self._body) > self._settings.max_body:
+                    self._answer(text_response(413, "request body too large"))
+                    return
+            elif isinstance(event, h11.EndOfMessage):
+                assert self._request is not None
+                self._answer(
+                    self._gate.http_request(self._http_request(self._request, bytes(self._body)))
+                )
+                return
+            else:  # ConnectionClosed
+                self._close()
+                return
+
+    def _http_request(self, event: h11.Request, body: bytes) -> HttpRequest:
+        target = event.target.decode("latin-1")
+        path, _, query = target.partition("?")
+        headers: CIMultiDict[str] = CIMultiDict(
+            (name.decode("latin-1"), value.decode("latin-1")) for name, value in event.headers
+        )
+        return HttpRequest(
+            event.method.decode("ascii", "replace"),
+            path,
+            query,
+            CIMultiDictProxy(headers),
+            body,
+            self._remote(),
+        )
+
+    def _remote(self) -> str:
+        peer = self._transport.get_extra_info("peername") if self._transport else None
+        return str(peer[0]) if isinstance(peer, tuple) and peer else ""
+
+    # -- upgrades ---------------------------------------------------------
+
+    def _upgrade(self, event: h11.Request) -> None:
+        self._done = True
+        transport = self._transport
+        assert transport is not None
+        transport.pause_reading()
+        request = self._http_request(event, b"")
+        decision = self._gate.admit(request)
+        if isinstance(decision, WSListener | HttpResponse):
+            self._decided(decision)
+        else:
+            task = asyncio.ensure_future(decision)
+            task.add_done_callback(self._hook_done)
+
+    def _hook_done(self, task: asyncio.Future[Admitted]) -> None:
+        if task.cancelled():
+            self._decided(text_response(503, "server shutting down"))
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("admitting an upgrade failed", exc_info=exc)
+            self._decided(text_response(500, "internal error"))
+            return
+        self._decided(task.result())
+
+    def _decided(self, decision: Admitted) -> None:
+        if isinstance(decision, HttpResponse):
+            self._answer(decision, upgrade=True)
+            return
+        if self._lost:
+            self._gate.abandon(decision)
+            return
+        self._cancel_timer()
+        self._hand_over(decision)
+        if not self._gate.opened(decision):
+            self._gate.abandon(decision)
+
+    def _hand_over(self, listener: WSListener) -> None:
+        transport = self._transport
+        assert transport is not None
+        s = self._settings
+        proto = WSProtocol(
+            None,  # host+port (client side only)
+            None,  # path (client side only)
+            False,  # is_client_side
+            lambda _request: listener,
+            s.logger,
+            True,  # disconnect_on_exception
+            s.handshake_timeout,
+            False,  # enable_auto_ping: the server's own heartbeat pings
+            20.0,
+            20.0,
+            WSAutoPingStrategy.PING_WHEN_IDLE,
+            False,  # enable_auto_pong: Connection answers pings after its RSV check
+            s.max_frame_size,
+            None,  # extra headers
+            2048,  # read_buffer_init_size: idle connections are most of the memory
+        )
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        data = memoryview(bytes(self._raw))
+        self._raw = bytearray()
+        while data:
+            buffer = proto.get_buffer(len(data))
+            n = min(len(buffer), len(data))
+            buffer[:n] = data[:n]
+            data = data[n:]
+            proto.buffer_updated(n)
+        if not transport.is_closing():
+            transport.resume_reading()
+
+    # -- answers ----------------------------------------------------------
+
+    def _answer(self, response: HttpResponse, upgrade: bool = False) -> None:
+        self._done = True
+        self._cancel_timer()
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        method = b"GET" if upgrade or self._request is None else self._request.method
+        out = _encode_response(response, with_body=method != b"HEAD")
+        transport.write(out)
+        self._close()
+
+    def _close(self) -> None:
+        self._done = True
+        self._cancel_timer()
+        if self._transport is not None:
+            self._transport.close()
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if not self._done:
+            self._answer(text_response(408, "request timeout"))
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def _encode_response(response: HttpResponse, with_body: bool) -> bytes:
+    try:
+        phrase = HTTPStatus(response.status).phrase
+    except ValueError:
+        phrase = "Unknown"
+    lines = [
+        f"HTTP/1.1 {response.status} {phrase}",
+        f"Content-Type: {response.content_type}",
+        f"Content-Length: {len(response.body)}",
+        "Connection: close",
+        *(f"{name}: {value}" for name, value in response.headers.items()),
+    ]
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head + response.body if with_body else head
+
+
+def _header(event: h11.Request, name: bytes) -> str | None:
+    for key, value in event.headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _is_upgrade(event: h11.Request) -> bool:
+    upgrade = _header(event, b"upgrade")
+    return upgrade is not None and upgrade.lower() == "websocket"
