@@ -391,7 +391,8 @@ def test_help_shows_each_setting_with_its_default_once() -> None:
     assert text.count("default:") == len(SETTINGS)
     for s in SETTINGS:
         repeatable = "repeatable, " if s.kind in ("list", "dict") else ""
-        entry = f"{s.flag} {s.metavar} {s.help} ({repeatable}default: {s.shown_default()})"
+        flag = f"{s.flag}, --no-{s.flag[2:]}" if s.kind == "bool" else f"{s.flag} {s.metavar}"
+        entry = f"{flag} {s.help} ({repeatable}default: {s.shown_default()})"
         assert text.count(entry) == 1, entry
 
 
