@@ -200,13 +200,13 @@ class ServerConfig:
     )
     anonymous_subscribe: list[str] = setting(
         [],
-        help="what anonymous clients may subscribe to (with --allow-anonymous)",
+        help="what anonymous clients may subscribe to (when anonymous clients are allowed)",
         metavar="PATTERN",
         flag="--anonymous-subscribe",
     )
     anonymous_publish: list[str] = setting(
         [],
-        help="what anonymous clients may publish to (with --allow-anonymous)",
+        help="what anonymous clients may publish to (when anonymous clients are allowed)",
         metavar="PATTERN",
         flag="--anonymous-publish",
     )
@@ -220,7 +220,7 @@ class ServerConfig:
         0.0, help="requests per second per connection; 0: unlimited", metavar="PER_SECOND"
     )
     rate_burst: int = setting(
-        100, help="requests a connection may send at once above --rate-limit", metavar="N"
+        100, help="requests a connection may send at once above the rate limit", metavar="N"
     )
     max_connections: int = setting(
         0, help="connections the server accepts; over it the upgrade gets 503", metavar="N"
