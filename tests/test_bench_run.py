@@ -147,3 +147,12 @@ def test_kept_records_rewrite_without_machine_paths(tmp_path: Path, stamp: str) 
     assert "/tmp" not in commands
     assert "/work" not in commands
     assert str(ROOT) not in commands
+
+
+def test_a_drain_timeout_is_a_backlog_not_a_loss() -> None:
+    behind = {"lost": 30, "gapLost": 0, "tailMissing": 30, "drainStoppedBy": "timeout"}
+    dropped = {"lost": 2, "gapLost": 2, "tailMissing": 0, "drainStoppedBy": "complete"}
+    assert run.anomalies([behind]) == "backlog 30"
+    assert (
+        run.anomalies([behind, dropped, {"error": "rc=1"}]) == "lost 2, backlog 30 (1 failed runs)"
+    )
