@@ -8,7 +8,9 @@ are exceptions. Every code and close code the project uses is listed here::
     ├── RequestError           the server answered a request with an error (client side)
     │   └── ... one subclass per ErrorCode, see REQUEST_ERRORS
     ├── AckTimeout             no reply to a request in time (client side)
-    └── ConnectionClosed       the connection is gone (client side)
+    ├── ConnectionClosed       the connection is gone (client side)
+    ├── HistoryError           a recover/history request names no single stream (server side)
+    └── HistoryConfigError     a history pattern or bound is invalid (also a ValueError)
 """
 
 from __future__ import annotations
@@ -133,3 +135,20 @@ class AckTimeout(DwspsError, TimeoutError):
 
 class ConnectionClosed(DwspsError, ConnectionError):
     """The connection closed before the request was answered."""
+
+
+class HistoryError(DwspsError):
+    """A ``recover`` or ``history`` request on a topic that does not lie inside one stream.
+
+    The reply is an ``error`` with :attr:`code` and :attr:`detail`.
+    """
+
+    code = ErrorCode.INVALID_MESSAGE
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class HistoryConfigError(DwspsError, ValueError):
+    """A history pattern, size, age or byte cap in the configuration is invalid."""
