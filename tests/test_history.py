@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from dwsps.history import (
     new_epoch,
     parse_history_pattern,
 )
-from dwsps.topics import matches
+from dwsps.topics import TopicLimits, matches
 
 TS = "2020-01-22T15:44:04.674Z"
 
@@ -103,6 +104,7 @@ def test_parse_history_pattern_errors_name_the_bad_part(text: str, names: str) -
         (("chat.*", 1, float("nan")), "max_age"),
         (("chat.*", 1, True), "max_age"),
         (("chat..*", 1), "empty level"),
+        (("chat.x y", 1), "whitespace"),
         (("", 1), "empty"),
     ],
 )
@@ -128,6 +130,13 @@ def test_a_pattern_that_can_never_be_first_is_refused(specs: list[str], unused: 
 
 def test_more_specific_first_is_fine() -> None:
     HistoryPatterns(pats("chat.vip.*:1", "chat.*:1", "*.x:1"))
+
+
+def test_parse_checks_the_servers_topic_limits() -> None:
+    deep = ".".join(["a"] * 40)
+    with pytest.raises(HistoryConfigError, match="more than 32 levels"):
+        parse_history_pattern(f"{deep}:5")
+    assert parse_history_pattern(f"{deep}:5", TopicLimits(max_levels=64)).pattern == deep
 
 
 # -- the stream of a published topic -------------------------------------------
@@ -256,7 +265,7 @@ def brute_stream_of_subscription(patterns: Sequence[HistoryPattern], sub: str) -
     return None
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(patterns=PATTERNS, subscription=PATTERN)
 def test_stream_of_subscription_matches_brute_force(patterns: list[str], subscription: str) -> None:
     kept = usable(patterns)
@@ -372,6 +381,13 @@ def test_publication_overhead_covers_what_python_holds() -> None:
     assert held <= PUBLICATION_OVERHEAD <= held + 32
 
 
+def test_stream_overhead_covers_what_python_holds() -> None:
+    stream = Stream("", "e", size=1)
+    entry = 100  # an OrderedDict entry: hash, key and value, its node, spare table room
+    held = sys.getsizeof(stream) + sys.getsizeof(deque()) + sys.getsizeof("") + entry
+    assert held <= STREAM_OVERHEAD <= held + 128
+
+
 def test_latest() -> None:
     stream = Stream("c.r", "E", size=10)
     for topic in ["c.r", "c.r.t", "c.r", "c.r.t", "c.r.t", "c.r"]:
@@ -478,10 +494,20 @@ def test_recover_filters_by_subscription() -> None:
     assert offsets(hs.recover("chat.r.*", "e1", 1, 0.0).publications) == [2, 3, 4]
 
 
-@pytest.mark.parametrize("subscription", ["chat", "chat.*", "chat.*.typing", "news", "*"])
-def test_recover_outside_one_stream_is_an_invalid_message(subscription: str) -> None:
+@pytest.mark.parametrize(
+    ("subscription", "detail"),
+    [
+        ("chat", "does not lie inside one history stream"),
+        ("chat.*", "does not lie inside one history stream"),
+        ("chat.*.typing", "does not lie inside one history stream"),
+        ("*", "does not lie inside one history stream"),
+        ("news", "no history is kept for 'news'"),
+        ("chatroom.a", "no history is kept"),
+    ],
+)
+def test_recover_outside_one_stream_is_an_invalid_message(subscription: str, detail: str) -> None:
     hs = store("chat.*:10")
-    with pytest.raises(HistoryError, match="does not lie inside one history stream") as info:
+    with pytest.raises(HistoryError, match=detail) as info:
         hs.recover(subscription, "e1", 0, 0.0)
     assert info.value.code is ErrorCode.INVALID_MESSAGE
     assert repr(subscription) in info.value.detail

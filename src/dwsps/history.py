@@ -58,6 +58,7 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 """The default server-wide byte cap for all history together."""
 
 _CACHE_SIZE = 4096
+_SHAPE_ONLY = TopicLimits(max_length=1 << 62, max_levels=1 << 62)
 
 _AGE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhd]?)")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -78,8 +79,10 @@ class HistoryPattern:
     levels: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # The server's topic limits are checked where they are known
+        # (parse_history_pattern); here only the shape of a pattern.
         try:
-            validate(self.pattern, subscription=True)
+            validate(self.pattern, subscription=True, limits=_SHAPE_ONLY)
         except TopicError as exc:
             raise HistoryConfigError(f"history pattern {self.pattern!r}: {exc}") from None
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
@@ -131,14 +134,21 @@ def parse_history_pattern(text: str, limits: TopicLimits = DEFAULT_LIMITS) -> Hi
 
 def _covers(outer: Sequence[str], inner: Sequence[str]) -> bool:
     """True when every topic ``inner`` can match is matched by ``outer`` (the subscribe rule)."""
-    return len(outer) <= len(inner) and all(
-        o in (WILDCARD, i) for o, i in zip(outer, inner, strict=False)
-    )
+    if len(outer) > len(inner):
+        return False
+    # Plain loops, not all(): these run per subscribe, and a generator costs more.
+    for o, i in zip(outer, inner, strict=False):  # noqa: SIM110
+        if o != i and o != WILDCARD:
+            return False
+    return True
 
 
 def _intersects(pattern: Sequence[str], sub: Sequence[str]) -> bool:
     """True when some published topic is matched by both (levels compared where both exist)."""
-    return all(s == WILDCARD or p in (WILDCARD, s) for p, s in zip(pattern, sub, strict=False))
+    for p, s in zip(pattern, sub, strict=False):
+        if p != s and p != WILDCARD and s != WILDCARD:
+            return False
+    return True
 
 
 _MISSING = object()
@@ -523,6 +533,9 @@ class HistoryStore:
     def _stream_of_request(self, subscription: str) -> str:
         name = self.patterns.stream_of_subscription(subscription)
         if name is None:
+            sub = subscription.split(".")
+            if not any(_intersects(p.levels, sub) for p in self.patterns.patterns):
+                raise HistoryError(f"no history is kept for {subscription!r}")
             raise HistoryError(f"{subscription!r} does not lie inside one history stream")
         return name
 
