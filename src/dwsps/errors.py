@@ -15,7 +15,9 @@ are exceptions. Every code and close code the project uses is listed here::
     ├── SubscriptionLimitError a subscriber holds as many subscriptions as it may (server side)
     ├── TopicError             a topic breaks the topic rules (also a ValueError)
     ├── ConfigError            a configuration source holds something invalid (also a ValueError)
-    │   └── AuthConfigError    authentication settings are unusable: key, algorithm, secret
+    │   ├── AuthConfigError    authentication settings are unusable: key, algorithm, secret
+    │   └── HistoryConfigError a history pattern or bound is invalid
+    ├── HistoryError           a recover/history request names no single stream (server side)
     ├── PermissionsError       a permission list (a token's dwsps claim) is malformed (ValueError)
     └── EnvelopeError          a backplane message is not a dwsps envelope (also a ValueError)
 
@@ -206,3 +208,20 @@ class SubscriptionLimitError(DwspsError):
 
 class PermissionDenied(DwspsError):
     """A request is outside the connection's permissions (the server replies ``forbidden``)."""
+
+
+class HistoryError(DwspsError):
+    """A ``recover`` or ``history`` request on a topic that does not lie inside one stream.
+
+    The reply is an ``error`` with :attr:`code` and :attr:`detail`.
+    """
+
+    code = ErrorCode.INVALID_MESSAGE
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class HistoryConfigError(ConfigError):
+    """A history pattern, size, age or byte cap in the configuration is invalid."""
