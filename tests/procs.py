@@ -14,9 +14,9 @@ import signal
 import sys
 from types import TracebackType
 
-_LISTENING = re.compile(rb"dwsps listening on (wss?://\S+)")
+from tests.support import scaled
 
-TIME_SCALE = float(os.environ.get("DWSPS_TEST_TIME_SCALE", "1"))
+_LISTENING = re.compile(rb"dwsps listening on (wss?://\S+)")
 
 
 class ServerProcess:
@@ -28,7 +28,7 @@ class ServerProcess:
 
     def __init__(self, *args: str, port: int = 0, startup_timeout: float = 20.0) -> None:
         self.args = ["serve", "--host", "127.0.0.1", "--port", str(port), *args]
-        self.startup_timeout = startup_timeout * TIME_SCALE
+        self.startup_timeout = scaled(startup_timeout)
         self.proc: asyncio.subprocess.Process | None = None
         self.url = ""
         self.output: list[bytes] = []

@@ -20,9 +20,10 @@ import pytest
 from dwsps import Client
 from dwsps.cli import main
 from dwsps.errors import InvalidTopicError, TooManySubscriptionsError
-from tests.procs import TIME_SCALE, ServerProcess
+from tests.procs import ServerProcess
+from tests.support import free_port, scaled
 
-WAIT = 10.0 * TIME_SCALE
+WAIT = scaled(10.0)
 
 
 async def run_cli(*args: str) -> tuple[int, str, str]:
@@ -197,21 +198,12 @@ async def test_sub_exits_0_on_signal(sig: signal.Signals) -> None:
         assert await asyncio.wait_for(sub.wait(), WAIT) == 0
 
 
-async def test_pub_errors_exit_non_zero(unused_port: int) -> None:
+async def test_pub_errors_exit_non_zero() -> None:
     async with ServerProcess() as srv:
         code, out, err = await run_cli("pub", "news..uk", "x", "--url", srv.url)
         assert code == 1
         assert out == ""
         assert orjson.loads(err.split(": ", 1)[1])["error"] == "invalid_topic"
-    code, _, err = await run_cli("pub", "news", "x", "--url", f"ws://127.0.0.1:{unused_port}")
+    code, _, err = await run_cli("pub", "news", "x", "--url", f"ws://127.0.0.1:{free_port()}")
     assert code == 1
     assert "could not connect" in err
-
-
-@pytest.fixture
-def unused_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port

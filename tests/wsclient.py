@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from tests.procs import TIME_SCALE
+from tests.support import scaled
 
 OP_CONT = 0x0
 OP_TEXT = 0x1
@@ -45,13 +45,8 @@ _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 SYNC_TOPIC = "_sync"
 """The topic :meth:`RawClient.sync` unsubscribes from (never subscribed)."""
 
-DEFAULT_TIMEOUT = 5.0 * TIME_SCALE
+DEFAULT_TIMEOUT = scaled(5.0)
 """Seconds a test waits for something that should happen at once."""
-
-
-def scaled(seconds: float) -> float:
-    """``seconds`` scaled for slow machines."""
-    return seconds * TIME_SCALE
 
 
 def encode_frame(

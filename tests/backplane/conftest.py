@@ -10,8 +10,8 @@
 * ``clients``: :class:`WSClient` connections (``websockets``), all closed.
 
 Nothing here sleeps to wait for an event: waits are on futures, queues and
-process output, with timeouts; ``eventually`` polls state that has no push
-notification (a server's /health JSON, Redis PUBSUB) within a deadline.
+process output, with timeouts; ``tests.support.eventually`` polls state that has
+no push notification (a server's /health JSON, Redis PUBSUB) within a deadline.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import itertools
 import shutil
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -29,16 +28,11 @@ import pytest
 import redis.asyncio as aioredis
 import websockets
 from tests import wsclient
-from tests.procs import TIME_SCALE, ServerProcess
+from tests.procs import ServerProcess
+from tests.support import eventually, free_port, scaled
 
-WAIT = 10.0 * TIME_SCALE
+WAIT = scaled(10.0)
 """Seconds to wait for something that should happen soon."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class RedisProcess:
@@ -146,18 +140,6 @@ async def numsub(admin: aioredis.Redis, key: str, prefix: str = "dwsps") -> int:
     return int(reply[0][1])
 
 
-async def eventually(
-    probe: Callable[[], Awaitable[bool]], what: str, timeout: float = WAIT
-) -> None:
-    """Poll ``probe`` until it returns True; fail with ``what`` after ``timeout``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await probe():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 async def http_get(url: str, path: str) -> tuple[int, Any]:
     """GET ``path`` from the server of ws ``url``; (status, decoded JSON body)."""
     status, body = await wsclient.http_get(url, path)
@@ -177,7 +159,7 @@ async def wait_subscribed(url: str, *keys: str) -> None:
         status = await backplane_status(url)
         return set(keys) <= set(status["subscribed"])
 
-    await eventually(probe, f"{url} to be subscribed upstream to {keys}")
+    await eventually(probe, f"{url} to be subscribed upstream to {keys}", WAIT)
 
 
 class WSClient:

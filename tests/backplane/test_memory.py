@@ -8,7 +8,8 @@ from typing import Any
 
 import orjson
 import pytest
-from tests.backplane.conftest import ClientFactory, eventually
+from tests.backplane.conftest import ClientFactory
+from tests.support import eventually
 
 from dwsps import Server
 from dwsps.backplane import envelope as env
@@ -81,9 +82,7 @@ async def test_interest_follows_subscriptions_and_disconnects(
     await c1.unsubscribe("sport.football")
     assert shared.subscribers("sport") == 1
     await c2.close()
-    await eventually(
-        lambda: _async(shared.subscribers("sport") == 0), "interest to drop on disconnect"
-    )
+    await eventually(lambda: shared.subscribers("sport") == 0, "interest to drop on disconnect")
     # No interest: B receives nothing for "sport" at all.
     pub = await clients(a.url)
     await pub.publish("sport.tennis", 1)
@@ -137,7 +136,3 @@ async def test_health_reports_backplane(make_server: MakeServer, hub_url: str) -
     assert code == 200
     assert health["status"] == "ok"
     assert health["backplane"]["state"] == "up"
-
-
-async def _async(value: bool) -> bool:
-    return value

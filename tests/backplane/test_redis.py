@@ -19,13 +19,12 @@ from tests.backplane.conftest import (
     ServerFactory,
     WSClient,
     backplane_status,
-    eventually,
-    free_port,
     http_get,
     numsub,
     wait_subscribed,
 )
 from tests.procs import ServerProcess
+from tests.support import eventually, free_port
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -8,9 +8,10 @@ from typing import Any, Protocol
 
 import pytest
 
-from tests.peering.helpers import PortReservation, WsClient
+from tests.peering.helpers import WsClient
 from tests.peering.proxy import TcpProxy
 from tests.procs import ServerProcess
+from tests.support import PortReservation
 
 
 class ProcFactory(Protocol):

@@ -1,4 +1,4 @@
-"""Clients, port reservations and status reads for the peering tests.
+"""Clients and status reads for the peering tests.
 
 Test clients use the ``websockets`` library: a plain, independent WebSocket
 client, so what they see is what any client would see. Nothing here sleeps to
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import socket
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,51 +19,11 @@ import orjson
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from tests.procs import TIME_SCALE
-
-
-def scaled(seconds: float) -> float:
-    """``seconds`` scaled for slow machines (``DWSPS_TEST_TIME_SCALE``)."""
-    return seconds * TIME_SCALE
-
+from tests.support import scaled
 
 WAIT = scaled(15.0)
 """How long a test waits for something that should happen soon (links reconnect
 with a backoff of up to a few seconds)."""
-
-
-class PortReservation:
-    """A port nobody else gets while the test runs, yet free to ``listen`` on.
-
-    The socket is bound with SO_REUSEADDR and never listens: connections to the
-    port are refused until a server (also SO_REUSEADDR) listens on it, and the
-    kernel hands the port to no one else, including after that server dies.
-    """
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port: int = self.sock.getsockname()[1]
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    def release(self) -> None:
-        self.sock.close()
-
-
-async def wait_until(
-    predicate: Callable[[], Any], timeout: float = WAIT, what: str = "condition"
-) -> None:
-    """Poll a cheap synchronous predicate until true (bounded)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def health(url: str) -> dict[str, Any]:

@@ -19,7 +19,8 @@ import orjson
 import pytest
 
 from tests.peering.conftest import ClientFactory, ProcFactory
-from tests.peering.helpers import WAIT, health, scaled, wait_health
+from tests.peering.helpers import WAIT, health, wait_health
+from tests.support import scaled
 
 INTEROP = Path(__file__).parent.parent / "interop"
 SCRIPT = INTEROP / "peer_interop.mjs"

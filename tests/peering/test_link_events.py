@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from dwsps import Server
-from tests.peering.helpers import WAIT, PortReservation, WsClient, health
+from tests.peering.helpers import WAIT, WsClient, health
+from tests.support import PortReservation
 
 
 async def test_peer_events_and_status_follow_the_link() -> None:

@@ -8,14 +8,8 @@ from typing import Any
 import pytest
 
 from tests.peering.conftest import ClientFactory, ProcFactory, ProxyFactory
-from tests.peering.helpers import (
-    PortReservation,
-    WsClient,
-    health,
-    scaled,
-    wait_health,
-    wait_until,
-)
+from tests.peering.helpers import WAIT, WsClient, health, wait_health
+from tests.support import PortReservation, eventually, scaled
 
 pytestmark = pytest.mark.timeout(scaled(90))
 
@@ -191,7 +185,7 @@ async def test_link_cut_mid_stream_loses_and_duplicates_nothing(
     proxy.discard_to_client = False
     await wait_health(a.url, lambda d: link(d)["state"] != "up", what="link down")
     await publish_range(3000, 4500)  # a acks them: they wait in its outbox
-    await wait_until(lambda: proxy.refused >= 2, what="reconnect attempts refused")
+    await eventually(lambda: proxy.refused >= 2, "reconnect attempts refused", WAIT)
     held = link(await health(a.url))
     assert held["outbox"] >= 1500 + in_flight, held  # held, not lost
     assert held["state"] != "up"
