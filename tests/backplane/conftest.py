@@ -5,8 +5,8 @@
   SIGKILLed and started again on the same port. Every one is stopped.
 * ``redis_proc`` / ``redis_url`` / ``redis_admin``: one Redis per test, its
   URL, and a redis-py client for ``PUBSUB`` checks.
-* ``servers``: start ``dwsps serve`` processes (tests.procs.ServerProcess);
-  all stopped after the test.
+* ``NO_HEARTBEAT``: the arguments for the ``dwsps serve`` processes these tests
+  start with the shared ``serve_process`` fixture (tests/conftest.py).
 * ``clients``: :class:`WSClient` connections (``websockets``), all closed.
 
 Nothing here sleeps to wait for an event: waits are on futures, queues and
@@ -28,11 +28,13 @@ import pytest
 import redis.asyncio as aioredis
 import websockets
 from tests import wsclient
-from tests.procs import ServerProcess
 from tests.support import eventually, free_port, scaled
 
 WAIT = scaled(10.0)
 """Seconds to wait for something that should happen soon."""
+
+NO_HEARTBEAT = ("--heartbeat-interval", "0")
+"""Added to every ``dwsps serve`` here: the heartbeat is not what these tests are about."""
 
 
 class RedisProcess:
@@ -251,7 +253,6 @@ class WSClient:
 
 
 ClientFactory = Callable[[str], Awaitable[WSClient]]
-ServerFactory = Callable[..., Awaitable[ServerProcess]]
 
 
 @pytest.fixture
@@ -269,19 +270,3 @@ async def clients() -> AsyncIterator[ClientFactory]:
         for client in opened:
             with contextlib.suppress(Exception):
                 await client.close()
-
-
-@pytest.fixture
-async def servers() -> AsyncIterator[ServerFactory]:
-    """Start ``dwsps serve ARGS...`` processes; every one is stopped after the test."""
-    started: list[ServerProcess] = []
-
-    async def start(*args: str, port: int = 0) -> ServerProcess:
-        proc = ServerProcess(*args, "--heartbeat-interval", "0", port=port)
-        started.append(proc)
-        return await proc.start()
-
-    try:
-        yield start
-    finally:
-        await asyncio.gather(*(proc.stop() for proc in started), return_exceptions=True)

@@ -14,17 +14,18 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from tests.backplane.conftest import (
+    NO_HEARTBEAT,
     ClientFactory,
     RedisProcess,
-    ServerFactory,
     WSClient,
     backplane_status,
     http_get,
     numsub,
     wait_subscribed,
 )
+from tests.conftest import PortFactory, ProcessFactory
 from tests.procs import ServerProcess
-from tests.support import eventually, free_port
+from tests.support import eventually
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -46,9 +47,9 @@ async def take_fences(client: WSClient, fences: int) -> list[dict[str, Any]]:
 
 
 async def test_three_servers_each_publish_everyone_receives_once(
-    redis_url: str, servers: ServerFactory, clients: ClientFactory
+    redis_url: str, serve_process: ProcessFactory, clients: ClientFactory
 ) -> None:
-    procs = [await servers("--backplane", redis_url) for _ in range(3)]
+    procs = [await serve_process("--backplane", redis_url, *NO_HEARTBEAT) for _ in range(3)]
     subs = [await clients(p.url) for p in procs]
     pubs = [await clients(p.url) for p in procs]
     contexts = ["news", "news.uk", "*.uk"]
@@ -75,11 +76,11 @@ async def test_three_servers_each_publish_everyone_receives_once(
 
 async def test_wildcard_and_prefix_across_servers(
     redis_url: str,
-    servers: ServerFactory,
+    serve_process: ProcessFactory,
     clients: ClientFactory,
     redis_admin: aioredis.Redis,
 ) -> None:
-    a, b, c = [await servers("--backplane", redis_url) for _ in range(3)]
+    a, b, c = [await serve_process("--backplane", redis_url, *NO_HEARTBEAT) for _ in range(3)]
     on_b, on_c = await clients(b.url), await clients(c.url)
     # B has the pattern subscription and the "weather" channel: Redis sends
     # weather traffic to it twice (message and pmessage).
@@ -110,11 +111,11 @@ async def test_wildcard_and_prefix_across_servers(
 
 async def test_no_interest_no_traffic(
     redis_url: str,
-    servers: ServerFactory,
+    serve_process: ProcessFactory,
     clients: ClientFactory,
     redis_admin: aioredis.Redis,
 ) -> None:
-    a, b, c = [await servers("--backplane", redis_url) for _ in range(3)]
+    a, b, c = [await serve_process("--backplane", redis_url, *NO_HEARTBEAT) for _ in range(3)]
     on_b, on_c = await clients(b.url), await clients(c.url)
     await on_b.subscribe("sport.football")
     await on_c.subscribe("news")
@@ -155,9 +156,9 @@ async def _state_is(url: str, state: str) -> bool:
 
 
 async def test_redis_killed_and_restarted_while_publishing(
-    redis_proc: RedisProcess, servers: ServerFactory, clients: ClientFactory
+    redis_proc: RedisProcess, serve_process: ProcessFactory, clients: ClientFactory
 ) -> None:
-    procs = [await servers("--backplane", redis_proc.url) for _ in range(3)]
+    procs = [await serve_process("--backplane", redis_proc.url, *NO_HEARTBEAT) for _ in range(3)]
     a = procs[0]
     subs = [await clients(p.url) for p in procs[1:]]
     for sub, proc in zip(subs, procs[1:], strict=True):
@@ -211,13 +212,13 @@ async def test_redis_killed_and_restarted_while_publishing(
 
 async def test_outbox_overflow_is_counted(
     redis_proc: RedisProcess,
-    servers: ServerFactory,
+    serve_process: ProcessFactory,
     clients: ClientFactory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    b = await servers("--backplane", redis_proc.url)
+    b = await serve_process("--backplane", redis_proc.url, *NO_HEARTBEAT)
     monkeypatch.setenv("DWSPS_BACKPLANE_BUFFER_MESSAGES", "5")
-    a = await servers("--backplane", redis_proc.url)
+    a = await serve_process("--backplane", redis_proc.url, *NO_HEARTBEAT)
     on_b = await clients(b.url)
     await on_b.subscribe("load")
     await wait_subscribed(b.url, "load")
@@ -240,10 +241,10 @@ async def test_outbox_overflow_is_counted(
     assert "outbox full" in a.log()
 
 
-async def test_redis_down_at_start(servers: ServerFactory, clients: ClientFactory) -> None:
+async def test_redis_down_at_start(serve_process: ProcessFactory, clients: ClientFactory) -> None:
     redis_proc = RedisProcess()  # not started yet
     try:
-        a = await servers("--backplane", redis_proc.url)
+        a = await serve_process("--backplane", redis_proc.url, *NO_HEARTBEAT)
         code, health = await http_get(a.url, "/health")
         assert code == 200
         assert health["status"] == "degraded"
@@ -263,7 +264,7 @@ async def test_redis_down_at_start(servers: ServerFactory, clients: ClientFactor
         assert health["status"] == "ok"
         code, _ = await http_get(a.url, "/health/backplane")
         assert code == 200
-        b = await servers("--backplane", redis_proc.url)
+        b = await serve_process("--backplane", redis_proc.url, *NO_HEARTBEAT)
         await wait_subscribed(a.url, "news")
         await (await clients(b.url)).publish("news", "remote")
         (got,) = await local.take(1)
@@ -276,13 +277,15 @@ async def test_redis_down_at_start(servers: ServerFactory, clients: ClientFactor
 
 
 async def test_peering_and_backplane_together_no_duplicates(
-    redis_url: str, servers: ServerFactory, clients: ClientFactory
+    redis_url: str,
+    serve_process: ProcessFactory,
+    clients: ClientFactory,
+    reserve_port: PortFactory,
 ) -> None:
-    pa, pb = free_port(), free_port()
-    url_a, url_b = f"ws://127.0.0.1:{pa}", f"ws://127.0.0.1:{pb}"
-    a = await servers("--backplane", redis_url, "--peer", url_b, port=pa)
-    b = await servers("--backplane", redis_url, "--peer", url_a, port=pb)
-    c = await servers("--backplane", redis_url)  # backplane only
+    pa, pb = reserve_port(), reserve_port()
+    a = await serve_process("--backplane", redis_url, "--peer", pb.url, *NO_HEARTBEAT, port=pa.port)
+    b = await serve_process("--backplane", redis_url, "--peer", pa.url, *NO_HEARTBEAT, port=pb.port)
+    c = await serve_process("--backplane", redis_url, *NO_HEARTBEAT)  # backplane only
     procs = [a, b, c]
     subs = [await clients(p.url) for p in procs]
     for sub, proc in zip(subs, procs, strict=True):

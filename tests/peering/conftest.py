@@ -1,42 +1,19 @@
-"""Fixtures of the peering suite: server processes, clients, reserved ports and
-proxies, each cleaned up after the test whatever happened."""
+"""Fixtures of the peering suite: clients and proxies, each cleaned up after the
+test whatever happened (server processes and reserved ports: tests/conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import pytest
 
 from tests.peering.helpers import WsClient
 from tests.peering.proxy import TcpProxy
-from tests.procs import ServerProcess
-from tests.support import PortReservation
-
-
-class ProcFactory(Protocol):
-    async def __call__(self, *args: str, port: int = 0) -> ServerProcess: ...
 
 
 class ClientFactory(Protocol):
     async def __call__(self, url: str, **kwargs: Any) -> WsClient: ...
-
-
-@pytest.fixture
-async def serve() -> AsyncIterator[ProcFactory]:
-    """Start ``dwsps serve`` processes; every one is stopped after the test."""
-    procs: list[ServerProcess] = []
-
-    async def start(*args: str, port: int = 0) -> ServerProcess:
-        proc = ServerProcess(*args, port=port)
-        procs.append(proc)
-        return await proc.start()
-
-    try:
-        yield start
-    finally:
-        for proc in procs:
-            await proc.stop()
 
 
 @pytest.fixture
@@ -54,22 +31,6 @@ async def client() -> AsyncIterator[ClientFactory]:
     finally:
         for c in clients:
             await c.close()
-
-
-@pytest.fixture
-def reserve_port() -> Iterator[Callable[[], PortReservation]]:
-    """``reserve_port()`` holds a free port for the test (see PortReservation)."""
-    held: list[PortReservation] = []
-
-    def reserve() -> PortReservation:
-        held.append(PortReservation())
-        return held[-1]
-
-    try:
-        yield reserve
-    finally:
-        for p in held:
-            p.release()
 
 
 class ProxyFactory(Protocol):

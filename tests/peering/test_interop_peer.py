@@ -18,7 +18,8 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.peering.conftest import ClientFactory, ProcFactory
+from tests.conftest import ProcessFactory
+from tests.peering.conftest import ClientFactory
 from tests.peering.helpers import WAIT, health, wait_health
 from tests.support import scaled
 
@@ -125,13 +126,13 @@ async def node() -> Any:
 
 @pytest.mark.parametrize("tokens", [False, True])
 async def test_original_peer_client_publish_is_delivered_and_not_forwarded(
-    tokens: bool, node: Any, serve: ProcFactory, client: ClientFactory
+    tokens: bool, node: Any, serve_process: ProcessFactory, client: ClientFactory
 ) -> None:
-    b = await serve()
+    b = await serve_process()
     a_args = ["--peer", b.url]
     if tokens:
         a_args += ["--accept-peer-token", "tok"]
-    a = await serve(*a_args)
+    a = await serve_process(*a_args)
     a_sub, b_sub = await client(a.url), await client(b.url)
     for sub in (a_sub, b_sub):
         await sub.subscribe("news")
@@ -157,7 +158,7 @@ async def test_original_peer_client_publish_is_delivered_and_not_forwarded(
 
 
 async def test_python_server_peers_to_an_original_style_node_server(
-    node: Any, serve: ProcFactory, client: ClientFactory
+    node: Any, serve_process: ProcessFactory, client: ClientFactory
 ) -> None:
     origin_server = await node("server")
     (port,) = await origin_server.wait_line("listening")
@@ -165,7 +166,7 @@ async def test_python_server_peers_to_an_original_style_node_server(
     node_sub = await node("subscribe", node_url, "news", "3")
     await node_sub.wait_line("subscribed")
 
-    a = await serve("--peer", node_url)
+    a = await serve_process("--peer", node_url)
     pub = await client(a.url)
     stamp = "2020-01-22T15:44:04.674Z"
     await pub.publish("news.uk", {"n": 1}, timestamp=stamp)

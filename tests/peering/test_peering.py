@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from tests.peering.conftest import ClientFactory, ProcFactory, ProxyFactory
+from tests.conftest import PortFactory, ProcessFactory
+from tests.peering.conftest import ClientFactory, ProxyFactory
 from tests.peering.helpers import WAIT, WsClient, health, wait_health
 from tests.support import PortReservation, eventually, scaled
 
@@ -38,16 +39,16 @@ async def flush_marker(pub: WsClient, subs: list[WsClient], marker: str) -> None
 @pytest.mark.parametrize("first", ["a", "b"])
 async def test_two_servers_peered_both_ways_start_in_either_order(
     first: str,
-    serve: ProcFactory,
+    serve_process: ProcessFactory,
     client: ClientFactory,
-    reserve_port: Any,
+    reserve_port: PortFactory,
 ) -> None:
     pa: PortReservation = reserve_port()
     pb: PortReservation = reserve_port()
     args = {"a": ("--peer", pb.url), "b": ("--peer", pa.url)}
     port = {"a": pa.port, "b": pb.port}
     second = "b" if first == "a" else "a"
-    procs = {first: await serve(*args[first], port=port[first])}
+    procs = {first: await serve_process(*args[first], port=port[first])}
     # The first server runs with its peer down: its link keeps retrying.
     doc = await wait_health(
         procs[first].url,
@@ -55,7 +56,7 @@ async def test_two_servers_peered_both_ways_start_in_either_order(
         what="a failed connect attempt",
     )
     assert link(doc)["state"] in ("connecting", "down")
-    procs[second] = await serve(*args[second], port=port[second])
+    procs[second] = await serve_process(*args[second], port=port[second])
 
     a_sub = await client(procs["a"].url)
     b_sub = await client(procs["b"].url)
@@ -82,12 +83,12 @@ async def test_two_servers_peered_both_ways_start_in_either_order(
 
 
 async def test_full_mesh_of_four_delivers_everything_once_everywhere(
-    serve: ProcFactory, client: ClientFactory, reserve_port: Any
+    serve_process: ProcessFactory, client: ClientFactory, reserve_port: PortFactory
 ) -> None:
     ports = [reserve_port() for _ in range(4)]
     procs = await asyncio.gather(
         *(
-            serve(*[a for o in ports if o is not p for a in ("--peer", o.url)], port=p.port)
+            serve_process(*[a for o in ports if o is not p for a in ("--peer", o.url)], port=p.port)
             for p in ports
         )
     )
@@ -123,10 +124,10 @@ async def test_full_mesh_of_four_delivers_everything_once_everywhere(
 
 
 async def test_one_way_peering_forwards_one_way_only(
-    serve: ProcFactory, client: ClientFactory
+    serve_process: ProcessFactory, client: ClientFactory
 ) -> None:
-    b = await serve()
-    a = await serve("--peer", b.url)
+    b = await serve_process()
+    a = await serve_process("--peer", b.url)
     a_sub, b_sub = await client(a.url), await client(b.url)
     for sub in (a_sub, b_sub):
         await sub.subscribe("t")
@@ -143,12 +144,12 @@ async def test_one_way_peering_forwards_one_way_only(
 
 
 async def test_link_cut_mid_stream_loses_and_duplicates_nothing(
-    serve: ProcFactory, client: ClientFactory, make_proxy: ProxyFactory
+    serve_process: ProcessFactory, client: ClientFactory, make_proxy: ProxyFactory
 ) -> None:
     total = 6000
-    b = await serve()
+    b = await serve_process()
     proxy = await make_proxy(b.port)
-    a = await serve("--peer", proxy.url)
+    a = await serve_process("--peer", proxy.url)
     sub = await client(b.url)
     await sub.subscribe("stream")
     pub = await client(a.url)
@@ -230,13 +231,13 @@ def _first_difference(got: list[int], total: int) -> str:
 
 
 async def test_sigkilled_peer_restarts_link_recovers_overflow_counted(
-    serve: ProcFactory, client: ClientFactory, reserve_port: Any, tmp_path: Any
+    serve_process: ProcessFactory, client: ClientFactory, reserve_port: PortFactory, tmp_path: Any
 ) -> None:
     config = tmp_path / "a.toml"
     config.write_text("peer_outbox_messages = 50\npeer_reconnect_max = 0.5\n")
     pb: PortReservation = reserve_port()
-    b = await serve(port=pb.port)
-    a = await serve("--peer", pb.url, "--config", str(config))
+    b = await serve_process(port=pb.port)
+    a = await serve_process("--peer", pb.url, "--config", str(config))
     sub = await client(b.url)
     await sub.subscribe("t")
     pub = await client(a.url)
@@ -253,7 +254,7 @@ async def test_sigkilled_peer_restarts_link_recovers_overflow_counted(
     assert (doc["outbox"], doc["dropped"], doc["forgotten"]) == (50, 150, 0), doc
     assert "outbox full" in a.log()
 
-    b2 = await serve(port=pb.port)
+    b2 = await serve_process(port=pb.port)
     doc = link(
         await wait_health(a.url, lambda d: link(d)["confirmed"] == 51, what="held 50 confirmed")
     )
@@ -272,12 +273,12 @@ async def test_sigkilled_peer_restarts_link_recovers_overflow_counted(
 
 
 async def test_peer_tokens_gate_from_peer_server(
-    serve: ProcFactory, client: ClientFactory, reserve_port: Any
+    serve_process: ProcessFactory, client: ClientFactory, reserve_port: PortFactory
 ) -> None:
     pb: PortReservation = reserve_port()
-    b = await serve("--accept-peer-token", "s3cret", port=pb.port)
-    good = await serve("--peer", pb.url, "--peer-token", f"{pb.url}=s3cret")
-    bad = await serve("--peer", pb.url, "--peer-token", f"{pb.url}=wrong")
+    b = await serve_process("--accept-peer-token", "s3cret", port=pb.port)
+    good = await serve_process("--peer", pb.url, "--peer-token", f"{pb.url}=s3cret")
+    bad = await serve_process("--peer", pb.url, "--peer-token", f"{pb.url}=wrong")
     sub = await client(b.url)
     await sub.subscribe("t")
 
