@@ -1,36 +1,14 @@
-"""Fixtures of the peering suite: clients and proxies, each cleaned up after the
-test whatever happened (server processes and reserved ports: tests/conftest.py)."""
+"""Fixtures of the peering suite: TCP proxies, each closed after the test whatever
+happened (servers, clients and reserved ports come from tests/conftest.py)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Protocol
 
 import pytest
 
-from tests.peering.helpers import WsClient
 from tests.peering.proxy import TcpProxy
-
-
-class ClientFactory(Protocol):
-    async def __call__(self, url: str, **kwargs: Any) -> WsClient: ...
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[ClientFactory]:
-    """Open :class:`WsClient` connections; all closed after the test."""
-    clients: list[WsClient] = []
-
-    async def connect(url: str, **kwargs: Any) -> WsClient:
-        c = await WsClient.connect(url, **kwargs)
-        clients.append(c)
-        return c
-
-    try:
-        yield connect
-    finally:
-        for c in clients:
-            await c.close()
 
 
 class ProxyFactory(Protocol):
