@@ -2,6 +2,8 @@
 
 ``dwsps serve --port 0`` prints ``dwsps listening on ws://HOST:PORT`` on stdout
 once it is accepting connections; :class:`ServerProcess` waits for that line.
+Tests get them from the ``serve_process`` fixture (tests/conftest.py), which
+stops every one and puts their output in the report of a failing test.
 """
 
 from __future__ import annotations
@@ -12,23 +14,18 @@ import os
 import re
 import signal
 import sys
-from types import TracebackType
+
+from tests.support import scaled
 
 _LISTENING = re.compile(rb"dwsps listening on (wss?://\S+)")
 
-TIME_SCALE = float(os.environ.get("DWSPS_TEST_TIME_SCALE", "1"))
-
 
 class ServerProcess:
-    """A ``python -m dwsps serve`` subprocess.
-
-    >>> async with ServerProcess("--peer", url) as srv:   # doctest: +SKIP
-    ...     srv.url
-    """
+    """A ``python -m dwsps serve ARGS`` subprocess; everything it prints is kept in ``output``."""
 
     def __init__(self, *args: str, port: int = 0, startup_timeout: float = 20.0) -> None:
         self.args = ["serve", "--host", "127.0.0.1", "--port", str(port), *args]
-        self.startup_timeout = startup_timeout * TIME_SCALE
+        self.startup_timeout = scaled(startup_timeout)
         self.proc: asyncio.subprocess.Process | None = None
         self.url = ""
         self.output: list[bytes] = []
@@ -107,14 +104,3 @@ class ServerProcess:
     def log(self) -> str:
         """Everything the process printed so far."""
         return b"".join(self.output).decode(errors="replace")
-
-    async def __aenter__(self) -> ServerProcess:
-        return await self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()

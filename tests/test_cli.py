@@ -1,6 +1,7 @@
 """The ``dwsps`` command: ``serve``, ``pub`` and ``sub`` as real subprocesses.
 
-Every process a test starts is stopped by it (context managers kill on the way
+Every process a test starts is stopped by it (``dwsps serve`` by the
+``serve_process`` fixture, the others by context managers that kill on the way
 out); waits are bounded and scaled with ``DWSPS_TEST_TIME_SCALE``.
 """
 
@@ -21,9 +22,10 @@ import dwsps
 from dwsps import Client
 from dwsps.cli import main
 from dwsps.errors import InvalidTopicError, TooManySubscriptionsError
-from tests.procs import TIME_SCALE, ServerProcess
+from tests.conftest import ProcessFactory
+from tests.support import free_port, scaled
 
-WAIT = 10.0 * TIME_SCALE
+WAIT = scaled(10.0)
 
 
 async def run_cli(*args: str) -> tuple[int, str, str]:
@@ -141,39 +143,37 @@ def test_serve_reports_a_busy_port(capsys: pytest.CaptureFixture[str]) -> None:
     assert "cannot listen" in capsys.readouterr().err
 
 
-async def test_serve_sigterm_closes_clients_with_1001_and_exits_0() -> None:
-    srv = ServerProcess()
-    async with srv:
-        client = Client(srv.url, reconnect=False)
-        closed: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
-        client.on("close", lambda code, reason: closed.set_result((code, reason)))
-        async with client:
-            assert (await client.subscribe("news"))["action"] == "subscribe"
-            assert await srv.stop() == 0
-            code, _ = await asyncio.wait_for(closed, WAIT)
+async def test_serve_sigterm_closes_clients_with_1001_and_exits_0(
+    serve_process: ProcessFactory,
+) -> None:
+    srv = await serve_process()
+    client = Client(srv.url, reconnect=False)
+    closed: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
+    client.on("close", lambda code, reason: closed.set_result((code, reason)))
+    async with client:
+        assert (await client.subscribe("news"))["action"] == "subscribe"
+        assert await srv.stop() == 0
+        code, _ = await asyncio.wait_for(closed, WAIT)
     assert code == 1001
     assert "Traceback" not in srv.log()
 
 
-async def test_serve_sigint_exits_0() -> None:
-    srv = ServerProcess()
-    async with srv:
-        assert srv.proc is not None
-        srv.proc.send_signal(signal.SIGINT)
-        assert await asyncio.wait_for(srv.proc.wait(), WAIT) == 0
+async def test_serve_sigint_exits_0(serve_process: ProcessFactory) -> None:
+    srv = await serve_process()
+    assert srv.proc is not None
+    srv.proc.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(srv.proc.wait(), WAIT) == 0
 
 
 async def test_serve_config_precedence_toml_env_cli(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve_process: ProcessFactory
 ) -> None:
     config = tmp_path / "dwsps.toml"
     config.write_text("max_topic_length = 10\nmax_topic_levels = 2\nmax_subscriptions = 2\n")
     monkeypatch.setenv("DWSPS_MAX_TOPIC_LENGTH", "20")  # env beats the file ...
     monkeypatch.setenv("DWSPS_MAX_TOPIC_LEVELS", "3")
-    async with (
-        ServerProcess("--config", str(config), "--max-topic-length", "30") as srv,  # ... CLI both
-        Client(srv.url) as client,
-    ):
+    srv = await serve_process("--config", str(config), "--max-topic-length", "30")  # ... CLI both
+    async with Client(srv.url) as client:
         await client.publish("x" * 25, 1)  # CLI (30) beat env (20) and file (10)
         with pytest.raises(InvalidTopicError):
             await client.publish("x" * 31, 1)
@@ -188,8 +188,9 @@ async def test_serve_config_precedence_toml_env_cli(
 # -- pub and sub --------------------------------------------------------------
 
 
-async def test_pub_prints_the_ack_and_sub_prints_deliveries() -> None:
-    async with ServerProcess() as srv, subscriber(srv.url, "news", "--count", "2") as sub:
+async def test_pub_prints_the_ack_and_sub_prints_deliveries(serve_process: ProcessFactory) -> None:
+    srv = await serve_process()
+    async with subscriber(srv.url, "news", "--count", "2") as sub:
         code, out, err = await run_cli("pub", "news.uk", '{"n": [1, 2]}', "--url", srv.url)
         assert code == 0, err
         ack = orjson.loads(out)
@@ -208,8 +209,9 @@ async def test_pub_prints_the_ack_and_sub_prints_deliveries() -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-async def test_sub_exits_0_on_signal(sig: signal.Signals) -> None:
-    async with ServerProcess() as srv, subscriber(srv.url, "news") as sub:
+async def test_sub_exits_0_on_signal(sig: signal.Signals, serve_process: ProcessFactory) -> None:
+    srv = await serve_process()
+    async with subscriber(srv.url, "news") as sub:
         await run_cli("pub", "news", "1", "--url", srv.url)
         assert sub.stdout is not None
         first = await asyncio.wait_for(sub.stdout.readline(), WAIT)
@@ -218,21 +220,12 @@ async def test_sub_exits_0_on_signal(sig: signal.Signals) -> None:
         assert await asyncio.wait_for(sub.wait(), WAIT) == 0
 
 
-async def test_pub_errors_exit_non_zero(unused_port: int) -> None:
-    async with ServerProcess() as srv:
-        code, out, err = await run_cli("pub", "news..uk", "x", "--url", srv.url)
-        assert code == 1
-        assert out == ""
-        assert orjson.loads(err.split(": ", 1)[1])["error"] == "invalid_topic"
-    code, _, err = await run_cli("pub", "news", "x", "--url", f"ws://127.0.0.1:{unused_port}")
+async def test_pub_errors_exit_non_zero(serve_process: ProcessFactory) -> None:
+    srv = await serve_process()
+    code, out, err = await run_cli("pub", "news..uk", "x", "--url", srv.url)
+    assert code == 1
+    assert out == ""
+    assert orjson.loads(err.split(": ", 1)[1])["error"] == "invalid_topic"
+    code, _, err = await run_cli("pub", "news", "x", "--url", f"ws://127.0.0.1:{free_port()}")
     assert code == 1
     assert "could not connect" in err
-
-
-@pytest.fixture
-def unused_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port

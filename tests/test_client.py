@@ -19,10 +19,10 @@ from websockets.asyncio.server import ServerConnection, serve
 import dwsps
 from dwsps import AckTimeout, Client, ConnectionClosed, Server
 from dwsps.errors import ConnectionLost, InvalidTopicError, TooManySubscriptionsError
-from tests.procs import TIME_SCALE
+from tests.support import scaled
 
 T = TypeVar("T")
-WAIT = 5.0 * TIME_SCALE
+WAIT = scaled(5.0)
 
 ClientFactory = Callable[..., Awaitable[Client]]
 
@@ -303,7 +303,7 @@ async def test_unanswered_request_times_out() -> None:
 
     async with (
         scripted_server(silent) as url,
-        Client(url, request_timeout=0.3 * TIME_SCALE) as client,
+        Client(url, request_timeout=scaled(0.3)) as client,
     ):
         with pytest.raises(AckTimeout):
             await client.publish("news", "anyone?")

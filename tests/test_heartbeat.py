@@ -8,7 +8,8 @@ import orjson
 from websockets.asyncio.client import connect as ws_connect
 
 from tests.conftest import ClientFactory, ServerFactory
-from tests.wsclient import is_delivery, scaled
+from tests.support import scaled
+from tests.wsclient import is_delivery
 
 INTERVAL = 0.2
 

@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from tests.conftest import ServerFactory
-from tests.wsclient import scaled
+from tests.support import scaled
 
 INTEROP = Path(__file__).parent / "interop"
 NODE = shutil.which("node")

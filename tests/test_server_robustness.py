@@ -16,6 +16,7 @@ from websockets.exceptions import ConnectionClosed
 
 from dwsps import Server
 from tests.conftest import ClientFactory, ServerFactory
+from tests.support import scaled
 from tests.wsclient import (
     DEFAULT_TIMEOUT,
     OP_BINARY,
@@ -32,7 +33,6 @@ from tests.wsclient import (
     is_type,
     open_socket,
     reply_to,
-    scaled,
 )
 
 SUB = b'{"type":"subscribe","topic":"news","id":"s"}'

@@ -11,7 +11,7 @@ import pytest
 
 import dwsps
 from dwsps import Server
-from tests.procs import ServerProcess
+from tests.conftest import ProcessFactory
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +58,10 @@ async def test_untrusted_certificate_is_refused(cert: tuple[Path, Path]) -> None
         await client.close()
 
 
-async def test_cli_serves_wss(cert: tuple[Path, Path]) -> None:
+async def test_cli_serves_wss(cert: tuple[Path, Path], serve_process: ProcessFactory) -> None:
     crt, key = cert
-    async with ServerProcess("--tls-cert", str(crt), "--tls-key", str(key)) as proc:
-        assert proc.url.startswith("wss://")
-        async with dwsps.connect(proc.url, ssl=_trusting(crt)) as client:
-            ack = await client.subscribe("a")
-            assert ack["topic"] == "a"
+    proc = await serve_process("--tls-cert", str(crt), "--tls-key", str(key))
+    assert proc.url.startswith("wss://")
+    async with dwsps.connect(proc.url, ssl=_trusting(crt)) as client:
+        ack = await client.subscribe("a")
+        assert ack["topic"] == "a"

@@ -1,14 +1,20 @@
-"""A small raw WebSocket client for tests: it can send any frame, well-formed or not.
+"""The one WebSocket test client: it can send any frame, well-formed or not.
 
 Real client libraries refuse to send the input a server must survive (binary
 junk, bad UTF-8, fragments in odd orders, RSV bits, oversized frames), so the
-protocol tests speak RFC 6455 by hand over an asyncio stream:
+tests speak RFC 6455 by hand over an asyncio stream:
 
 * :func:`encode_frame` builds one frame with any opcode, flags, mask and length;
 * :class:`RawClient` does the opening handshake, then a background task reads
   frames, reassembles messages, answers pings (unless told not to), echoes a
   close frame, and files every text message (decoded JSON when it parses) in an
-  inbox that tests take from with :meth:`RawClient.next_message`.
+  inbox that tests take from with :meth:`RawClient.next_message`;
+* on top of that, dwsps conveniences for the suites that only need a client:
+  :meth:`RawClient.request` (ids added when missing), ``subscribe``/``publish``
+  checking the ack, :meth:`RawClient.take` / ``take_until`` for deliveries, and
+  the :attr:`RawClient.deliveries` record with :meth:`RawClient.messages`;
+* :func:`http_get`, :func:`get_json` and :func:`health` read the server's HTTP
+  routes.
 
 Waits are bounded by timeouts scaled with ``DWSPS_TEST_TIME_SCALE``; nothing here
 sleeps to wait for an event.
@@ -20,18 +26,19 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import itertools
 import os
 import socket
 import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import orjson
 
-from tests.procs import TIME_SCALE
+from tests.support import scaled
 
 OP_CONT = 0x0
 OP_TEXT = 0x1
@@ -45,13 +52,8 @@ _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 SYNC_TOPIC = "_sync"
 """The topic :meth:`RawClient.sync` unsubscribes from (never subscribed)."""
 
-DEFAULT_TIMEOUT = 5.0 * TIME_SCALE
+DEFAULT_TIMEOUT = scaled(5.0)
 """Seconds a test waits for something that should happen at once."""
-
-
-def scaled(seconds: float) -> float:
-    """``seconds`` scaled for slow machines."""
-    return seconds * TIME_SCALE
 
 
 def encode_frame(
@@ -188,6 +190,19 @@ async def http_get(url: str, path: str, headers: dict[str, str] | None = None) -
             await writer.wait_closed()
 
 
+async def get_json(url: str, path: str) -> tuple[int, Any]:
+    """:func:`http_get` with the body decoded as JSON: (status, document)."""
+    status, body = await http_get(url, path)
+    return status, orjson.loads(body)
+
+
+async def health(url: str) -> dict[str, Any]:
+    """The ``/health`` document of the server at ``url``, whatever its status (200 or 503)."""
+    _, doc = await get_json(url, "/health")
+    assert isinstance(doc, dict), doc
+    return doc
+
+
 Predicate = Callable[[Any], bool]
 
 
@@ -210,6 +225,8 @@ class RawClient:
         """Messages not yet taken: decoded JSON, else ``str`` (bad JSON) or ``bytes`` (binary)."""
         self.frames: list[Frame] = []
         """Every non-control frame received, in order (for frame-level checks)."""
+        self.deliveries: list[dict[str, Any]] = []
+        """Every ``publish`` delivery received, in order, taken from the inbox or not."""
         self.pings: list[bytes] = []
         self.pongs: list[bytes] = []
         self.key = ""
@@ -227,6 +244,7 @@ class RawClient:
         self.error: Exception | None = None
         """Set when the server sent something this client cannot accept."""
         self._syncs = 0
+        self._ids = itertools.count(1)
         self._frag: list[bytes] | None = None
         self._frag_op = OP_TEXT
         self._task = loop.create_task(self._read_loop())
@@ -267,7 +285,10 @@ class RawClient:
         lowercase: bool,
     ) -> str:
         parts = urlsplit(url)
-        target = path if path is not None else (parts.path or "/")
+        if path is not None:
+            target = path
+        else:
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         key = base64.b64encode(os.urandom(16)).decode()
         fields = {
             "Host": parts.netloc,
@@ -351,9 +372,13 @@ class RawClient:
             self.inbox.append(data)
         else:
             try:
-                self.inbox.append(orjson.loads(data))
+                msg = orjson.loads(data)
             except orjson.JSONDecodeError:
                 self.inbox.append(data.decode())
+            else:
+                self.inbox.append(msg)
+                if isinstance(msg, dict) and msg.get("type") == "publish":
+                    self.deliveries.append(msg)
         self._changed.set()
 
     async def next_message(
@@ -406,7 +431,7 @@ class RawClient:
         return f"({len(items)}): {items[:5]!r}"
 
     async def wait_for(
-        self, condition: Callable[[], bool], *, within: float = DEFAULT_TIMEOUT
+        self, condition: Callable[[], bool], *, within: float = DEFAULT_TIMEOUT, what: str = ""
     ) -> None:
         """Wait until ``condition()`` holds; it is checked whenever something arrives."""
 
@@ -415,7 +440,46 @@ class RawClient:
                 self._changed.clear()
                 await self._changed.wait()
 
-        await asyncio.wait_for(_wait(), within)
+        try:
+            await asyncio.wait_for(_wait(), within)
+        except TimeoutError:
+            raise TimeoutError(
+                f"timed out after {within:.1f}s waiting for {what or 'a condition'}: "
+                f"{len(self.deliveries)} deliveries, inbox {self._peek()}"
+            ) from None
+
+    async def take_until(
+        self, stop: Callable[[dict[str, Any]], bool], *, within: float = DEFAULT_TIMEOUT
+    ) -> list[dict[str, Any]]:
+        """Take deliveries from the inbox up to and including the first one ``stop`` accepts.
+
+        ``within`` bounds the whole wait; other messages stay in the inbox.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        taken: list[dict[str, Any]] = []
+        while True:
+            try:
+                msg = await self.next_message(is_delivery(), within=deadline - loop.time())
+            except TimeoutError:
+                raise TimeoutError(
+                    f"the last delivery wanted did not come in {within:.1f}s; "
+                    f"took {len(taken)}: {taken[-3:]!r}"
+                ) from None
+            taken.append(msg)
+            if stop(msg):
+                return taken
+
+    async def take(self, n: int, *, within: float = DEFAULT_TIMEOUT) -> list[dict[str, Any]]:
+        """Take the next ``n`` deliveries from the inbox (all within ``within``)."""
+        if n == 0:
+            return []
+        count = itertools.count(1)
+        return await self.take_until(lambda _: next(count) == n, within=within)
+
+    def messages(self, topic: str | None = None) -> list[Any]:
+        """The ``message`` of every delivery received so far (optionally on one topic)."""
+        return [d["message"] for d in self.deliveries if topic is None or d["topic"] == topic]
 
     async def wait_closed(self, *, within: float = DEFAULT_TIMEOUT) -> int | None:
         """The close code the server sent, or None if the stream ended without one."""
@@ -428,12 +492,16 @@ class RawClient:
     def pause_reading(self) -> None:
         """Stop reading from the socket (the server's writes back up)."""
         self._reading.clear()
-        self.writer.transport.pause_reading()
+        self._transport().pause_reading()
 
     def resume_reading(self) -> None:
         """Read again."""
         self._reading.set()
-        self.writer.transport.resume_reading()
+        self._transport().resume_reading()
+
+    def _transport(self) -> asyncio.Transport:
+        # A stream's transport reads too; StreamWriter types it as write-only.
+        return cast(asyncio.Transport, self.writer.transport)
 
     # -- writing ----------------------------------------------------------
 
@@ -454,11 +522,35 @@ class RawClient:
         """One text frame holding ``obj`` as JSON."""
         await self.send_frame(OP_TEXT, orjson.dumps(obj))
 
-    async def request(self, obj: dict[str, Any], *, within: float = DEFAULT_TIMEOUT) -> Any:
-        """Send a request with an ``id`` and return its ack or error reply."""
-        assert "id" in obj, "request() correlates by id"
+    async def send_request(self, obj: dict[str, Any]) -> Any:
+        """Send a request, with an ``id`` of its own unless it has one; returns the ``id``."""
+        if "id" not in obj:
+            obj = {**obj, "id": f"auto-{next(self._ids)}"}
         await self.send_json(obj)
-        return await self.next_message(reply_to(obj["id"]), within=within)
+        return obj["id"]
+
+    async def request(self, obj: dict[str, Any], *, within: float = DEFAULT_TIMEOUT) -> Any:
+        """Send a request (see :meth:`send_request`) and return its ack or error reply."""
+        req_id = await self.send_request(obj)
+        return await self.next_message(reply_to(req_id), within=within)
+
+    async def _acked(self, obj: dict[str, Any]) -> dict[str, Any]:
+        reply: dict[str, Any] = await self.request(obj)
+        assert reply["type"] == "ack", reply
+        return reply
+
+    async def subscribe(self, *topics: str) -> None:
+        """Subscribe to each topic in turn; each must be acked."""
+        for topic in topics:
+            await self._acked({"type": "subscribe", "topic": topic})
+
+    async def unsubscribe(self, topic: str) -> None:
+        """Unsubscribe; it must be acked."""
+        await self._acked({"type": "unsubscribe", "topic": topic})
+
+    async def publish(self, topic: str, message: Any, **extra: Any) -> dict[str, Any]:
+        """Publish (``extra``: more request fields); returns the ack, which it must be."""
+        return await self._acked({"type": "publish", "topic": topic, "message": message, **extra})
 
     async def close(self, code: int = 1000) -> None:
         """Close handshake if still possible, then drop the socket and stop reading."""

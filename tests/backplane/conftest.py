@@ -1,16 +1,16 @@
-"""Fixtures for the backplane suite: a real redis-server, dwsps processes, small clients.
+"""Fixtures for the backplane suite: a real redis-server and reads of its status.
 
 * ``RedisProcess`` runs ``redis-server --port N --save '' --appendonly no`` on a
   free port, waits for its "Ready to accept connections" line, and can be
   SIGKILLed and started again on the same port. Every one is stopped.
 * ``redis_proc`` / ``redis_url`` / ``redis_admin``: one Redis per test, its
   URL, and a redis-py client for ``PUBSUB`` checks.
-* ``servers``: start ``dwsps serve`` processes (tests.procs.ServerProcess);
-  all stopped after the test.
-* ``clients``: :class:`WSClient` connections (``websockets``), all closed.
+* ``NO_HEARTBEAT``: the arguments for the ``dwsps serve`` processes these tests
+  start with the shared ``serve_process`` fixture; clients come from the shared
+  ``open_client`` fixture (both in tests/conftest.py).
 
-Nothing here sleeps to wait for an event: waits are on futures, queues and
-process output, with timeouts; ``eventually`` polls state that has no push
+Nothing here sleeps to wait for an event: waits are on process output, with
+timeouts; ``tests.support.eventually`` polls state that has no push
 notification (a server's /health JSON, Redis PUBSUB) within a deadline.
 """
 
@@ -18,27 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import shutil
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 import pytest
 import redis.asyncio as aioredis
-import websockets
-from tests import wsclient
-from tests.procs import TIME_SCALE, ServerProcess
+from tests.support import eventually, free_port, scaled
+from tests.wsclient import get_json
 
-WAIT = 10.0 * TIME_SCALE
+WAIT = scaled(10.0)
 """Seconds to wait for something that should happen soon."""
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+NO_HEARTBEAT = ("--heartbeat-interval", "0")
+"""Added to every ``dwsps serve`` here: the heartbeat is not what these tests are about."""
 
 
 class RedisProcess:
@@ -146,26 +139,9 @@ async def numsub(admin: aioredis.Redis, key: str, prefix: str = "dwsps") -> int:
     return int(reply[0][1])
 
 
-async def eventually(
-    probe: Callable[[], Awaitable[bool]], what: str, timeout: float = WAIT
-) -> None:
-    """Poll ``probe`` until it returns True; fail with ``what`` after ``timeout``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await probe():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-async def http_get(url: str, path: str) -> tuple[int, Any]:
-    """GET ``path`` from the server of ws ``url``; (status, decoded JSON body)."""
-    status, body = await wsclient.http_get(url, path)
-    return status, orjson.loads(body)
-
-
 async def backplane_status(url: str) -> dict[str, Any]:
-    _, body = await http_get(url, "/health/backplane")
+    """The ``/health/backplane`` document of the server at ``url``."""
+    _, body = await get_json(url, "/health/backplane")
     assert isinstance(body, dict)
     return body
 
@@ -177,129 +153,4 @@ async def wait_subscribed(url: str, *keys: str) -> None:
         status = await backplane_status(url)
         return set(keys) <= set(status["subscribed"])
 
-    await eventually(probe, f"{url} to be subscribed upstream to {keys}")
-
-
-class WSClient:
-    """A minimal dwsps client over ``websockets``: requests with ids, a delivery queue."""
-
-    _ids = itertools.count(1)
-
-    def __init__(self, ws: websockets.ClientConnection) -> None:
-        self.ws = ws
-        self.deliveries: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._reader = asyncio.create_task(self._read())
-
-    @classmethod
-    async def connect(cls, url: str) -> WSClient:
-        ws = await asyncio.wait_for(websockets.connect(url, max_size=None), WAIT)
-        return cls(ws)
-
-    async def _read(self) -> None:
-        with contextlib.suppress(websockets.ConnectionClosed):
-            async for raw in self.ws:
-                msg = orjson.loads(raw)
-                if msg.get("type") == "publish":
-                    self.deliveries.put_nowait(msg)
-                elif (
-                    "id" in msg
-                    and (fut := self.replies.pop(str(msg["id"]), None))
-                    and not fut.done()
-                ):
-                    fut.set_result(msg)
-
-    async def request(self, **req: Any) -> dict[str, Any]:
-        req_id = f"r{next(self._ids)}"
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.replies[req_id] = fut
-        await self.ws.send(orjson.dumps({**req, "id": req_id}).decode())
-        reply = await asyncio.wait_for(fut, WAIT)
-        assert reply["type"] == "ack", reply
-        return reply
-
-    async def subscribe(self, *topics: str) -> None:
-        for topic in topics:
-            await self.request(type="subscribe", topic=topic)
-
-    async def unsubscribe(self, topic: str) -> None:
-        await self.request(type="unsubscribe", topic=topic)
-
-    async def publish(self, topic: str, message: Any, **extra: Any) -> None:
-        await self.request(type="publish", topic=topic, message=message, **extra)
-
-    async def take(self, n: int, timeout: float = WAIT) -> list[dict[str, Any]]:
-        """The next ``n`` deliveries (fails if they do not come in time)."""
-        out: list[dict[str, Any]] = []
-
-        async def collect() -> None:
-            while len(out) < n:
-                out.append(await self.deliveries.get())
-
-        try:
-            await asyncio.wait_for(collect(), timeout)
-        except TimeoutError:
-            raise AssertionError(f"got {len(out)} of {n} deliveries: {out[-3:]}") from None
-        return out
-
-    async def take_until(
-        self, stop: Callable[[dict[str, Any]], bool], timeout: float = WAIT
-    ) -> list[dict[str, Any]]:
-        """Deliveries up to and including the first for which ``stop`` is true."""
-        out: list[dict[str, Any]] = []
-
-        async def collect() -> None:
-            while True:
-                msg = await self.deliveries.get()
-                out.append(msg)
-                if stop(msg):
-                    return
-
-        try:
-            await asyncio.wait_for(collect(), timeout)
-        except TimeoutError:
-            raise AssertionError(f"stop delivery never came; got {len(out)}: {out[-3:]}") from None
-        return out
-
-    async def close(self) -> None:
-        await self.ws.close()
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
-
-
-ClientFactory = Callable[[str], Awaitable[WSClient]]
-ServerFactory = Callable[..., Awaitable[ServerProcess]]
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[ClientFactory]:
-    opened: list[WSClient] = []
-
-    async def connect(url: str) -> WSClient:
-        client = await WSClient.connect(url)
-        opened.append(client)
-        return client
-
-    try:
-        yield connect
-    finally:
-        for client in opened:
-            with contextlib.suppress(Exception):
-                await client.close()
-
-
-@pytest.fixture
-async def servers() -> AsyncIterator[ServerFactory]:
-    """Start ``dwsps serve ARGS...`` processes; every one is stopped after the test."""
-    started: list[ServerProcess] = []
-
-    async def start(*args: str, port: int = 0) -> ServerProcess:
-        proc = ServerProcess(*args, "--heartbeat-interval", "0", port=port)
-        started.append(proc)
-        return await proc.start()
-
-    try:
-        yield start
-    finally:
-        await asyncio.gather(*(proc.stop() for proc in started), return_exceptions=True)
+    await eventually(probe, f"{url} to be subscribed upstream to {keys}", WAIT)

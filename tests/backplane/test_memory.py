@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import orjson
 import pytest
-from tests.backplane.conftest import ClientFactory, eventually
+from tests.conftest import ClientFactory, ServerFactory
+from tests.support import eventually
+from tests.wsclient import is_delivery
 
-from dwsps import Server
 from dwsps.links import envelope as env
 from dwsps.links.memory import hub
-
-MakeServer = Callable[..., Awaitable[Server]]
 
 
 @pytest.fixture
@@ -22,34 +19,17 @@ def hub_url() -> str:
     return f"memory://test-{uuid.uuid4().hex[:8]}"
 
 
-@pytest.fixture
-async def make_server() -> AsyncIterator[MakeServer]:
-    started: list[Server] = []
-
-    async def make(**options: Any) -> Server:
-        srv = Server(host="127.0.0.1", port=0, heartbeat_interval=0, **options)
-        await srv.start()
-        started.append(srv)
-        return srv
-
-    try:
-        yield make
-    finally:
-        for srv in started:
-            await srv.close()
-
-
-async def test_default_memory_backplane_is_skipped(make_server: MakeServer) -> None:
-    srv = await make_server()
+async def test_default_memory_backplane_is_skipped(make_server: ServerFactory) -> None:
+    srv = await make_server(heartbeat_interval=0)
     assert srv.backplane is None
 
 
 async def test_cross_server_delivery_marked_and_exactly_once(
-    make_server: MakeServer, clients: ClientFactory, hub_url: str
+    make_server: ServerFactory, open_client: ClientFactory, hub_url: str
 ) -> None:
-    a = await make_server(backplane=hub_url)
-    b = await make_server(backplane=hub_url)
-    on_a, on_b = await clients(a.url), await clients(b.url)
+    a = await make_server(backplane=hub_url, heartbeat_interval=0)
+    b = await make_server(backplane=hub_url, heartbeat_interval=0)
+    on_a, on_b = await open_client(a.url), await open_client(b.url)
     # Two contexts on B that share channel "news" plus a wildcard (pattern) one.
     await on_b.subscribe("news", "news.uk", "*.uk")
     await on_a.subscribe("news")
@@ -65,37 +45,35 @@ async def test_cross_server_delivery_marked_and_exactly_once(
     # The publisher's server does not hear its own publish back.
     assert a.backplane is not None
     assert a.backplane.delivered == 0
-    assert on_a.deliveries.empty()
+    assert on_a.take_all(is_delivery()) == []
 
 
 async def test_interest_follows_subscriptions_and_disconnects(
-    make_server: MakeServer, clients: ClientFactory, hub_url: str
+    make_server: ServerFactory, open_client: ClientFactory, hub_url: str
 ) -> None:
-    a = await make_server(backplane=hub_url)
-    b = await make_server(backplane=hub_url)
+    a = await make_server(backplane=hub_url, heartbeat_interval=0)
+    b = await make_server(backplane=hub_url, heartbeat_interval=0)
     shared = hub(hub_url.removeprefix("memory://"))
-    c1, c2 = await clients(b.url), await clients(b.url)
+    c1, c2 = await open_client(b.url), await open_client(b.url)
     await c1.subscribe("sport.football")
     await c2.subscribe("sport")
     assert shared.subscribers("sport") == 1
     await c1.unsubscribe("sport.football")
     assert shared.subscribers("sport") == 1
     await c2.close()
-    await eventually(
-        lambda: _async(shared.subscribers("sport") == 0), "interest to drop on disconnect"
-    )
+    await eventually(lambda: shared.subscribers("sport") == 0, "interest to drop on disconnect")
     # No interest: B receives nothing for "sport" at all.
-    pub = await clients(a.url)
+    pub = await open_client(a.url)
     await pub.publish("sport.tennis", 1)
     assert b.backplane is not None
     assert b.backplane.status()["received"] == 0
 
 
 async def test_duplicates_own_origin_and_gaps(
-    make_server: MakeServer, clients: ClientFactory, hub_url: str
+    make_server: ServerFactory, open_client: ClientFactory, hub_url: str
 ) -> None:
-    srv = await make_server(backplane=hub_url)
-    sub = await clients(srv.url)
+    srv = await make_server(backplane=hub_url, heartbeat_interval=0)
+    sub = await open_client(srv.url)
     await sub.subscribe("news")
     link = srv.backplane
     assert link is not None
@@ -116,28 +94,24 @@ async def test_duplicates_own_origin_and_gaps(
 
 
 async def test_peer_flag_travels_and_peer_publishes_go_on_the_backplane(
-    make_server: MakeServer, clients: ClientFactory, hub_url: str
+    make_server: ServerFactory, open_client: ClientFactory, hub_url: str
 ) -> None:
-    a = await make_server(backplane=hub_url)
-    b = await make_server(backplane=hub_url)
-    on_b = await clients(b.url)
+    a = await make_server(backplane=hub_url, heartbeat_interval=0)
+    b = await make_server(backplane=hub_url, heartbeat_interval=0)
+    on_b = await open_client(b.url)
     await on_b.subscribe("news")
     # Something that looks like an original dwsps peer (no identity fields).
-    fake_peer = await clients(a.url)
+    fake_peer = await open_client(a.url)
     await fake_peer.publish("news.x", "from a peer", fromPeerServer=True)
     (got,) = await on_b.take(1)
     assert got["fromPeerServer"] is True
     assert got["viaBackplane"] is True
 
 
-async def test_health_reports_backplane(make_server: MakeServer, hub_url: str) -> None:
-    srv = await make_server(backplane=hub_url)
+async def test_health_reports_backplane(make_server: ServerFactory, hub_url: str) -> None:
+    srv = await make_server(backplane=hub_url, heartbeat_interval=0)
     answer = srv.http.get("/health")
     health = orjson.loads(answer.body)
     assert answer.status == 200
     assert health["status"] == "ok"
     assert health["backplane"]["state"] == "up"
-
-
-async def _async(value: bool) -> bool:
-    return value

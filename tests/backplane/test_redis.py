@@ -14,18 +14,17 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from tests.backplane.conftest import (
-    ClientFactory,
+    NO_HEARTBEAT,
+    WAIT,
     RedisProcess,
-    ServerFactory,
-    WSClient,
     backplane_status,
-    eventually,
-    free_port,
-    http_get,
     numsub,
     wait_subscribed,
 )
+from tests.conftest import ClientFactory, PortFactory, ProcessFactory
 from tests.procs import ServerProcess
+from tests.support import eventually
+from tests.wsclient import RawClient, get_json, is_delivery
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -34,7 +33,7 @@ def is_fence(m: dict[str, Any]) -> bool:
     return isinstance(m["message"], str) and m["message"].startswith("fence")
 
 
-async def take_fences(client: WSClient, fences: int) -> list[dict[str, Any]]:
+async def take_fences(client: RawClient, fences: int) -> list[dict[str, Any]]:
     """Deliveries until ``fences`` fence deliveries have come."""
     seen = 0
 
@@ -43,15 +42,15 @@ async def take_fences(client: WSClient, fences: int) -> list[dict[str, Any]]:
         seen += is_fence(m)
         return seen == fences
 
-    return await client.take_until(stop)
+    return await client.take_until(stop, within=WAIT)
 
 
 async def test_three_servers_each_publish_everyone_receives_once(
-    redis_url: str, servers: ServerFactory, clients: ClientFactory
+    redis_url: str, serve_process: ProcessFactory, open_client: ClientFactory
 ) -> None:
-    procs = [await servers("--backplane", redis_url) for _ in range(3)]
-    subs = [await clients(p.url) for p in procs]
-    pubs = [await clients(p.url) for p in procs]
+    procs = [await serve_process("--backplane", redis_url, *NO_HEARTBEAT) for _ in range(3)]
+    subs = [await open_client(p.url) for p in procs]
+    pubs = [await open_client(p.url) for p in procs]
     contexts = ["news", "news.uk", "*.uk"]
     for sub, proc in zip(subs, procs, strict=True):
         await sub.subscribe(*contexts)
@@ -71,24 +70,24 @@ async def test_three_servers_each_publish_everyone_receives_once(
             sender = m["message"]["from"] if not is_fence(m) else int(m["message"][5:])
             # Marked exactly when it came from another server.
             assert m.get("viaBackplane", False) is (sender != j)
-        assert sub.deliveries.empty()
+        assert sub.take_all(is_delivery()) == []
 
 
 async def test_wildcard_and_prefix_across_servers(
     redis_url: str,
-    servers: ServerFactory,
-    clients: ClientFactory,
+    serve_process: ProcessFactory,
+    open_client: ClientFactory,
     redis_admin: aioredis.Redis,
 ) -> None:
-    a, b, c = [await servers("--backplane", redis_url) for _ in range(3)]
-    on_b, on_c = await clients(b.url), await clients(c.url)
+    a, b, c = [await serve_process("--backplane", redis_url, *NO_HEARTBEAT) for _ in range(3)]
+    on_b, on_c = await open_client(b.url), await open_client(c.url)
     # B has the pattern subscription and the "weather" channel: Redis sends
     # weather traffic to it twice (message and pmessage).
     await on_b.subscribe("*.uk.london", "weather.nowhere")
     await on_c.subscribe("weather")
     await wait_subscribed(b.url, "*", "weather")
     await wait_subscribed(c.url, "weather")
-    pub = await clients(a.url)
+    pub = await open_client(a.url)
     for topic in ("news.uk.london", "sport.uk.london", "news.fr.paris", "weather.uk.london"):
         await pub.publish(topic, topic)
     await pub.publish("weather.fence", "fence")
@@ -111,22 +110,22 @@ async def test_wildcard_and_prefix_across_servers(
 
 async def test_no_interest_no_traffic(
     redis_url: str,
-    servers: ServerFactory,
-    clients: ClientFactory,
+    serve_process: ProcessFactory,
+    open_client: ClientFactory,
     redis_admin: aioredis.Redis,
 ) -> None:
-    a, b, c = [await servers("--backplane", redis_url) for _ in range(3)]
-    on_b, on_c = await clients(b.url), await clients(c.url)
+    a, b, c = [await serve_process("--backplane", redis_url, *NO_HEARTBEAT) for _ in range(3)]
+    on_b, on_c = await open_client(b.url), await open_client(c.url)
     await on_b.subscribe("sport.football")
     await on_c.subscribe("news")
     await wait_subscribed(b.url, "sport")
     await wait_subscribed(c.url, "news")
     assert await numsub(redis_admin, "sport") == 1  # B only
-    pub = await clients(a.url)
+    pub = await open_client(a.url)
     for i in range(20):
         await pub.publish("sport.football", i)
     await pub.publish("news", "fence")
-    assert len(await on_b.take(20)) == 20
+    assert len(await on_b.take(20, within=WAIT)) == 20
     await take_fences(on_c, 1)
     status_c = await backplane_status(c.url)
     assert status_c["received"] == 1  # the news fence, no sport traffic
@@ -156,17 +155,17 @@ async def _state_is(url: str, state: str) -> bool:
 
 
 async def test_redis_killed_and_restarted_while_publishing(
-    redis_proc: RedisProcess, servers: ServerFactory, clients: ClientFactory
+    redis_proc: RedisProcess, serve_process: ProcessFactory, open_client: ClientFactory
 ) -> None:
-    procs = [await servers("--backplane", redis_proc.url) for _ in range(3)]
+    procs = [await serve_process("--backplane", redis_proc.url, *NO_HEARTBEAT) for _ in range(3)]
     a = procs[0]
-    subs = [await clients(p.url) for p in procs[1:]]
+    subs = [await open_client(p.url) for p in procs[1:]]
     for sub, proc in zip(subs, procs[1:], strict=True):
         await sub.subscribe("load")
         await wait_subscribed(proc.url, "load")
     # A resyncs with the servers it knows (presence is refreshed every second).
     await eventually(lambda: _knows(a.url, 3), "A to see all three servers")
-    pub = await clients(a.url)
+    pub = await open_client(a.url)
     total, kill_at, restart_at = 300, 100, 200
     for i in range(1, total + 1):
         await pub.publish("load.x", i)
@@ -186,10 +185,9 @@ async def test_redis_killed_and_restarted_while_publishing(
         got = received[proc.url] = []
 
         async def settled(
-            sub: WSClient = sub, proc: ServerProcess = proc, got: list[int] = got
+            sub: RawClient = sub, proc: ServerProcess = proc, got: list[int] = got
         ) -> bool:
-            while not sub.deliveries.empty():
-                got.append(sub.deliveries.get_nowait()["message"])
+            got.extend(m["message"] for m in sub.take_all(is_delivery()))
             gaps = (await backplane_status(proc.url))["gaps"]
             return len(got) + int(gaps) >= total
 
@@ -207,25 +205,25 @@ async def test_redis_killed_and_restarted_while_publishing(
         assert "backplane" in proc.log()
         assert "down" in proc.log()
     for sub in subs:
-        assert sub.deliveries.empty()
+        assert sub.take_all(is_delivery()) == []
 
 
 async def test_outbox_overflow_is_counted(
     redis_proc: RedisProcess,
-    servers: ServerFactory,
-    clients: ClientFactory,
+    serve_process: ProcessFactory,
+    open_client: ClientFactory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    b = await servers("--backplane", redis_proc.url)
+    b = await serve_process("--backplane", redis_proc.url, *NO_HEARTBEAT)
     monkeypatch.setenv("DWSPS_BACKPLANE_BUFFER_MESSAGES", "5")
-    a = await servers("--backplane", redis_proc.url)
-    on_b = await clients(b.url)
+    a = await serve_process("--backplane", redis_proc.url, *NO_HEARTBEAT)
+    on_b = await open_client(b.url)
     await on_b.subscribe("load")
     await wait_subscribed(b.url, "load")
     await eventually(lambda: _knows(a.url, 2), "A to see B")
-    pub = await clients(a.url)
+    pub = await open_client(a.url)
     await pub.publish("load", 0)
-    assert [m["message"] for m in await on_b.take(1)] == [0]
+    assert [m["message"] for m in await on_b.take(1, within=WAIT)] == [0]
     await redis_proc.kill()
     await eventually(lambda: _state_is(a.url, "down"), "A to notice Redis is gone")
     for i in range(1, 21):
@@ -241,33 +239,35 @@ async def test_outbox_overflow_is_counted(
     assert "outbox full" in a.log()
 
 
-async def test_redis_down_at_start(servers: ServerFactory, clients: ClientFactory) -> None:
+async def test_redis_down_at_start(
+    serve_process: ProcessFactory, open_client: ClientFactory
+) -> None:
     redis_proc = RedisProcess()  # not started yet
     try:
-        a = await servers("--backplane", redis_proc.url)
-        code, health = await http_get(a.url, "/health")
+        a = await serve_process("--backplane", redis_proc.url, *NO_HEARTBEAT)
+        code, health = await get_json(a.url, "/health")
         assert code == 200
         assert health["status"] == "degraded"
         assert health["backplane"]["state"] == "down"
         assert health["backplane"]["healthy"] is False
-        code, _ = await http_get(a.url, "/health/backplane")
+        code, _ = await get_json(a.url, "/health/backplane")
         assert code == 503
         # It serves clients meanwhile (locally).
-        local = await clients(a.url)
+        local = await open_client(a.url)
         await local.subscribe("news")
         await local.publish("news", "local")
-        assert [m["message"] for m in await local.take(1)] == ["local"]
+        assert [m["message"] for m in await local.take(1, within=WAIT)] == ["local"]
         await redis_proc.start()
         await eventually(lambda: _state_is(a.url, "up"), "A to connect once Redis is there")
-        code, health = await http_get(a.url, "/health")
+        code, health = await get_json(a.url, "/health")
         assert code == 200
         assert health["status"] == "ok"
-        code, _ = await http_get(a.url, "/health/backplane")
+        code, _ = await get_json(a.url, "/health/backplane")
         assert code == 200
-        b = await servers("--backplane", redis_proc.url)
+        b = await serve_process("--backplane", redis_proc.url, *NO_HEARTBEAT)
         await wait_subscribed(a.url, "news")
-        await (await clients(b.url)).publish("news", "remote")
-        (got,) = await local.take(1)
+        await (await open_client(b.url)).publish("news", "remote")
+        (got,) = await local.take(1, within=WAIT)
         assert got["message"] == "remote"
         assert got["viaBackplane"] is True
         assert "backplane" in a.log()
@@ -277,19 +277,21 @@ async def test_redis_down_at_start(servers: ServerFactory, clients: ClientFactor
 
 
 async def test_peering_and_backplane_together_no_duplicates(
-    redis_url: str, servers: ServerFactory, clients: ClientFactory
+    redis_url: str,
+    serve_process: ProcessFactory,
+    open_client: ClientFactory,
+    reserve_port: PortFactory,
 ) -> None:
-    pa, pb = free_port(), free_port()
-    url_a, url_b = f"ws://127.0.0.1:{pa}", f"ws://127.0.0.1:{pb}"
-    a = await servers("--backplane", redis_url, "--peer", url_b, port=pa)
-    b = await servers("--backplane", redis_url, "--peer", url_a, port=pb)
-    c = await servers("--backplane", redis_url)  # backplane only
+    pa, pb = reserve_port(), reserve_port()
+    a = await serve_process("--backplane", redis_url, "--peer", pb.url, *NO_HEARTBEAT, port=pa.port)
+    b = await serve_process("--backplane", redis_url, "--peer", pa.url, *NO_HEARTBEAT, port=pb.port)
+    c = await serve_process("--backplane", redis_url, *NO_HEARTBEAT)  # backplane only
     procs = [a, b, c]
-    subs = [await clients(p.url) for p in procs]
+    subs = [await open_client(p.url) for p in procs]
     for sub, proc in zip(subs, procs, strict=True):
         await sub.subscribe("news")
         await wait_subscribed(proc.url, "news")
-    pubs = [await clients(p.url) for p in (a, b)]
+    pubs = [await open_client(p.url) for p in (a, b)]
     # The peer links may still be connecting: publishes wait in their outboxes.
     for i, pub in enumerate(pubs):
         for n in range(10):
@@ -304,8 +306,8 @@ async def test_peering_and_backplane_together_no_duplicates(
         }
     dropped = 0
     for proc in procs:
-        _, health = await http_get(proc.url, "/health")
+        _, health = await get_json(proc.url, "/health")
         dropped += health["stats"]["duplicates_dropped"]
     assert dropped > 0  # both paths carried copies; the copies were dropped
     for sub in subs:
-        assert sub.deliveries.empty()
+        assert sub.take_all(is_delivery()) == []

@@ -1,74 +1,14 @@
-"""Fixtures of the peering suite: server processes, clients, reserved ports and
-proxies, each cleaned up after the test whatever happened."""
+"""Fixtures of the peering suite: TCP proxies, each closed after the test whatever
+happened (servers, clients and reserved ports come from tests/conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, Protocol
+from collections.abc import AsyncIterator
+from typing import Protocol
 
 import pytest
 
-from tests.peering.helpers import PortReservation, WsClient
 from tests.peering.proxy import TcpProxy
-from tests.procs import ServerProcess
-
-
-class ProcFactory(Protocol):
-    async def __call__(self, *args: str, port: int = 0) -> ServerProcess: ...
-
-
-class ClientFactory(Protocol):
-    async def __call__(self, url: str, **kwargs: Any) -> WsClient: ...
-
-
-@pytest.fixture
-async def serve() -> AsyncIterator[ProcFactory]:
-    """Start ``dwsps serve`` processes; every one is stopped after the test."""
-    procs: list[ServerProcess] = []
-
-    async def start(*args: str, port: int = 0) -> ServerProcess:
-        proc = ServerProcess(*args, port=port)
-        procs.append(proc)
-        return await proc.start()
-
-    try:
-        yield start
-    finally:
-        for proc in procs:
-            await proc.stop()
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[ClientFactory]:
-    """Open :class:`WsClient` connections; all closed after the test."""
-    clients: list[WsClient] = []
-
-    async def connect(url: str, **kwargs: Any) -> WsClient:
-        c = await WsClient.connect(url, **kwargs)
-        clients.append(c)
-        return c
-
-    try:
-        yield connect
-    finally:
-        for c in clients:
-            await c.close()
-
-
-@pytest.fixture
-def reserve_port() -> Iterator[Callable[[], PortReservation]]:
-    """``reserve_port()`` holds a free port for the test (see PortReservation)."""
-    held: list[PortReservation] = []
-
-    def reserve() -> PortReservation:
-        held.append(PortReservation())
-        return held[-1]
-
-    try:
-        yield reserve
-    finally:
-        for p in held:
-            p.release()
 
 
 class ProxyFactory(Protocol):

@@ -18,8 +18,10 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.peering.conftest import ClientFactory, ProcFactory
-from tests.peering.helpers import WAIT, health, scaled, wait_health
+from tests.conftest import ClientFactory, ProcessFactory
+from tests.peering.helpers import WAIT, wait_health
+from tests.support import scaled
+from tests.wsclient import health
 
 INTEROP = Path(__file__).parent.parent / "interop"
 SCRIPT = INTEROP / "peer_interop.mjs"
@@ -124,14 +126,14 @@ async def node() -> Any:
 
 @pytest.mark.parametrize("tokens", [False, True])
 async def test_original_peer_client_publish_is_delivered_and_not_forwarded(
-    tokens: bool, node: Any, serve: ProcFactory, client: ClientFactory
+    tokens: bool, node: Any, serve_process: ProcessFactory, open_client: ClientFactory
 ) -> None:
-    b = await serve()
+    b = await serve_process()
     a_args = ["--peer", b.url]
     if tokens:
         a_args += ["--accept-peer-token", "tok"]
-    a = await serve(*a_args)
-    a_sub, b_sub = await client(a.url), await client(b.url)
+    a = await serve_process(*a_args)
+    a_sub, b_sub = await open_client(a.url), await open_client(b.url)
     for sub in (a_sub, b_sub):
         await sub.subscribe("news")
 
@@ -140,7 +142,7 @@ async def test_original_peer_client_publish_is_delivered_and_not_forwarded(
     )
     (reply,) = await peer.wait_line("reply")
     assert (reply["type"], reply["action"]) == ("ack", "publish"), reply
-    await a_sub.wait_for(lambda: len(a_sub.deliveries) == 1)
+    await a_sub.wait_for(lambda: len(a_sub.deliveries) == 1, within=WAIT)
     delivery = a_sub.deliveries[0]
     assert delivery["message"] == {"hello": "from node"}
     assert delivery["fromPeerServer"] is True
@@ -148,15 +150,15 @@ async def test_original_peer_client_publish_is_delivered_and_not_forwarded(
     assert delivery["topic"] == "news.uk"
 
     # Not forwarded: a's link to b carries only what is published on a next.
-    await (await client(a.url)).publish("news", "organic")
-    await b_sub.wait_for(lambda: len(b_sub.deliveries) >= 1)
+    await (await open_client(a.url)).publish("news", "organic")
+    await b_sub.wait_for(lambda: len(b_sub.deliveries) >= 1, within=WAIT)
     assert b_sub.messages() == ["organic"]
     state = (await health(a.url))["peers"][0]
     assert state["queued"] == 1
 
 
 async def test_python_server_peers_to_an_original_style_node_server(
-    node: Any, serve: ProcFactory, client: ClientFactory
+    node: Any, serve_process: ProcessFactory, open_client: ClientFactory
 ) -> None:
     origin_server = await node("server")
     (port,) = await origin_server.wait_line("listening")
@@ -164,8 +166,8 @@ async def test_python_server_peers_to_an_original_style_node_server(
     node_sub = await node("subscribe", node_url, "news", "3")
     await node_sub.wait_line("subscribed")
 
-    a = await serve("--peer", node_url)
-    pub = await client(a.url)
+    a = await serve_process("--peer", node_url)
+    pub = await open_client(a.url)
     stamp = "2020-01-22T15:44:04.674Z"
     await pub.publish("news.uk", {"n": 1}, timestamp=stamp)
     await pub.publish("news", [1, 2, 3])

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from dwsps import Server
-from tests.peering.helpers import WAIT, PortReservation, WsClient, health
+from tests.peering.helpers import WAIT
+from tests.support import PortReservation
+from tests.wsclient import RawClient, health
 
 
 async def test_peer_events_and_status_follow_the_link() -> None:
@@ -25,11 +27,11 @@ async def test_peer_events_and_status_follow_the_link() -> None:
 
         await b.start()
         assert await asyncio.wait_for(events.get(), WAIT) == ("up", spot.url)
-        sub = await WsClient.connect(b.url)
+        sub = await RawClient.connect(b.url)
         try:
             await sub.subscribe("t")
             a.publish("t", "late")
-            await sub.wait_for(lambda: sub.messages() == ["late"])
+            await sub.wait_for(lambda: sub.messages() == ["late"], within=WAIT)
         finally:
             await sub.close()
         (state,) = a.peer_status()

@@ -7,15 +7,11 @@ from typing import Any
 
 import pytest
 
-from tests.peering.conftest import ClientFactory, ProcFactory, ProxyFactory
-from tests.peering.helpers import (
-    PortReservation,
-    WsClient,
-    health,
-    scaled,
-    wait_health,
-    wait_until,
-)
+from tests.conftest import ClientFactory, PortFactory, ProcessFactory
+from tests.peering.conftest import ProxyFactory
+from tests.peering.helpers import WAIT, wait_health
+from tests.support import PortReservation, eventually, scaled
+from tests.wsclient import RawClient, health, reply_to
 
 pytestmark = pytest.mark.timeout(scaled(90))
 
@@ -29,7 +25,7 @@ def link(doc: dict[str, Any], url: str | None = None) -> dict[str, Any]:
     return next(dict(p) for p in peers if p["url"] == url)
 
 
-async def flush_marker(pub: WsClient, subs: list[WsClient], marker: str) -> None:
+async def flush_marker(pub: RawClient, subs: list[RawClient], marker: str) -> None:
     """Publish ``marker`` and wait until every subscriber has it.
 
     Deliveries from one publisher keep their order over a link, so once the
@@ -38,22 +34,22 @@ async def flush_marker(pub: WsClient, subs: list[WsClient], marker: str) -> None
     ack = await pub.publish("mark", marker)
     assert ack["type"] == "ack", ack
     for sub in subs:
-        await sub.wait_for(lambda s=sub: marker in s.messages("mark"), what=marker)
+        await sub.wait_for(lambda s=sub: marker in s.messages("mark"), within=WAIT, what=marker)
 
 
 @pytest.mark.parametrize("first", ["a", "b"])
 async def test_two_servers_peered_both_ways_start_in_either_order(
     first: str,
-    serve: ProcFactory,
-    client: ClientFactory,
-    reserve_port: Any,
+    serve_process: ProcessFactory,
+    open_client: ClientFactory,
+    reserve_port: PortFactory,
 ) -> None:
     pa: PortReservation = reserve_port()
     pb: PortReservation = reserve_port()
     args = {"a": ("--peer", pb.url), "b": ("--peer", pa.url)}
     port = {"a": pa.port, "b": pb.port}
     second = "b" if first == "a" else "a"
-    procs = {first: await serve(*args[first], port=port[first])}
+    procs = {first: await serve_process(*args[first], port=port[first])}
     # The first server runs with its peer down: its link keeps retrying.
     doc = await wait_health(
         procs[first].url,
@@ -61,15 +57,15 @@ async def test_two_servers_peered_both_ways_start_in_either_order(
         what="a failed connect attempt",
     )
     assert link(doc)["state"] in ("connecting", "down")
-    procs[second] = await serve(*args[second], port=port[second])
+    procs[second] = await serve_process(*args[second], port=port[second])
 
-    a_sub = await client(procs["a"].url)
-    b_sub = await client(procs["b"].url)
+    a_sub = await open_client(procs["a"].url)
+    b_sub = await open_client(procs["b"].url)
     for sub in (a_sub, b_sub):
         await sub.subscribe("news")
         await sub.subscribe("mark")
-    a_pub = await client(procs["a"].url)
-    b_pub = await client(procs["b"].url)
+    a_pub = await open_client(procs["a"].url)
+    b_pub = await open_client(procs["b"].url)
     await a_pub.publish("news.uk", {"from": "a"})
     await b_pub.publish("news.fr", {"from": "b"})
     await flush_marker(a_pub, [a_sub, b_sub], "a-done")
@@ -88,17 +84,17 @@ async def test_two_servers_peered_both_ways_start_in_either_order(
 
 
 async def test_full_mesh_of_four_delivers_everything_once_everywhere(
-    serve: ProcFactory, client: ClientFactory, reserve_port: Any
+    serve_process: ProcessFactory, open_client: ClientFactory, reserve_port: PortFactory
 ) -> None:
     ports = [reserve_port() for _ in range(4)]
     procs = await asyncio.gather(
         *(
-            serve(*[a for o in ports if o is not p for a in ("--peer", o.url)], port=p.port)
+            serve_process(*[a for o in ports if o is not p for a in ("--peer", o.url)], port=p.port)
             for p in ports
         )
     )
-    subs = [await client(p.url) for p in procs]
-    pubs = [await client(p.url) for p in procs]
+    subs = [await open_client(p.url) for p in procs]
+    pubs = [await open_client(p.url) for p in procs]
     for sub in subs:
         await sub.subscribe("mesh")
         await sub.subscribe("mark")
@@ -129,19 +125,21 @@ async def test_full_mesh_of_four_delivers_everything_once_everywhere(
 
 
 async def test_one_way_peering_forwards_one_way_only(
-    serve: ProcFactory, client: ClientFactory
+    serve_process: ProcessFactory, open_client: ClientFactory
 ) -> None:
-    b = await serve()
-    a = await serve("--peer", b.url)
-    a_sub, b_sub = await client(a.url), await client(b.url)
+    b = await serve_process()
+    a = await serve_process("--peer", b.url)
+    a_sub, b_sub = await open_client(a.url), await open_client(b.url)
     for sub in (a_sub, b_sub):
         await sub.subscribe("t")
-    b_pub, a_pub = await client(b.url), await client(a.url)
+    b_pub, a_pub = await open_client(b.url), await open_client(a.url)
     await b_pub.publish("t", "from-b")
     await a_pub.publish("t", "from-a")
-    await b_sub.wait_for(lambda: b_sub.messages() == ["from-b", "from-a"], what="both on b")
+    await b_sub.wait_for(
+        lambda: b_sub.messages() == ["from-b", "from-a"], within=WAIT, what="both on b"
+    )
     assert b_sub.deliveries[1]["fromPeerServer"] is True
-    await a_sub.wait_for(lambda: "from-a" in a_sub.messages())
+    await a_sub.wait_for(lambda: "from-a" in a_sub.messages(), within=WAIT)
     assert (await health(b.url))["peers"] == []
     # b has no link to a; its publish reached a's server only if a's publisher... did not:
     assert a_sub.messages() == ["from-a"]
@@ -149,39 +147,38 @@ async def test_one_way_peering_forwards_one_way_only(
 
 
 async def test_link_cut_mid_stream_loses_and_duplicates_nothing(
-    serve: ProcFactory, client: ClientFactory, make_proxy: ProxyFactory
+    serve_process: ProcessFactory, open_client: ClientFactory, make_proxy: ProxyFactory
 ) -> None:
     total = 6000
-    b = await serve()
+    b = await serve_process()
     proxy = await make_proxy(b.port)
-    a = await serve("--peer", proxy.url)
-    sub = await client(b.url)
+    a = await serve_process("--peer", proxy.url)
+    sub = await open_client(b.url)
     await sub.subscribe("stream")
-    pub = await client(a.url)
+    pub = await open_client(a.url)
 
     async def publish_range(start: int, stop: int) -> None:
         # Pipelined: send a batch, then wait for all its acks.
         for lo in range(start, stop, 250):
             hi = min(stop, lo + 250)
-            last = 0
-            for n in range(lo, hi):
-                last = await pub.send({"type": "publish", "topic": "stream", "message": n})
-            await pub.wait_for(
-                lambda last=last: any(r.get("id") == last for r in pub.replies), what="acks"
-            )
+            ids = [
+                await pub.send_request({"type": "publish", "topic": "stream", "message": n})
+                for n in range(lo, hi)
+            ]
+            await pub.next_message(reply_to(ids[-1]), within=WAIT)
 
     def received() -> int:
         return len(sub.deliveries)
 
     # Phase 1: flowing normally.
     await publish_range(0, 1500)
-    await sub.wait_for(lambda: received() >= 1000, what="1000 through the link")
+    await sub.wait_for(lambda: received() >= 1000, within=WAIT, what="1000 through the link")
 
     # Phase 2: acks vanish on the way back; the messages still reach b. a must
     # resend them all after the cut, and b must drop every one of them.
     proxy.discard_to_client = True
     await publish_range(1500, 3000)
-    await sub.wait_for(lambda: received() >= 3000, what="3000 delivered, unacked")
+    await sub.wait_for(lambda: received() >= 3000, within=WAIT, what="3000 delivered, unacked")
     in_flight = link(await health(a.url))["in_flight"]
     assert in_flight > 500, in_flight
 
@@ -191,7 +188,7 @@ async def test_link_cut_mid_stream_loses_and_duplicates_nothing(
     proxy.discard_to_client = False
     await wait_health(a.url, lambda d: link(d)["state"] != "up", what="link down")
     await publish_range(3000, 4500)  # a acks them: they wait in its outbox
-    await wait_until(lambda: proxy.refused >= 2, what="reconnect attempts refused")
+    await eventually(lambda: proxy.refused >= 2, "reconnect attempts refused", WAIT)
     held = link(await health(a.url))
     assert held["outbox"] >= 1500 + in_flight, held  # held, not lost
     assert held["state"] != "up"
@@ -209,7 +206,7 @@ async def test_link_cut_mid_stream_loses_and_duplicates_nothing(
     proxy.discard_to_upstream = False
     await publish_range(5200, total)
 
-    await sub.wait_for(lambda: received() >= total, what=f"all {total}")
+    await sub.wait_for(lambda: received() >= total, within=WAIT, what=f"all {total}")
     await flush_marker_on(pub, sub)
     got = [d["message"] for d in sub.deliveries if d["topic"] == "stream"]
     assert got == list(range(total)), _first_difference(got, total)
@@ -223,7 +220,7 @@ async def test_link_cut_mid_stream_loses_and_duplicates_nothing(
     assert a_link["connects"] >= 3
 
 
-async def flush_marker_on(pub: WsClient, sub: WsClient) -> None:
+async def flush_marker_on(pub: RawClient, sub: RawClient) -> None:
     await sub.subscribe("mark")
     await flush_marker(pub, [sub], "stream-end")
 
@@ -236,18 +233,21 @@ def _first_difference(got: list[int], total: int) -> str:
 
 
 async def test_sigkilled_peer_restarts_link_recovers_overflow_counted(
-    serve: ProcFactory, client: ClientFactory, reserve_port: Any, tmp_path: Any
+    serve_process: ProcessFactory,
+    open_client: ClientFactory,
+    reserve_port: PortFactory,
+    tmp_path: Any,
 ) -> None:
     config = tmp_path / "a.toml"
     config.write_text("peer_outbox_messages = 50\npeer_reconnect_max = 0.5\n")
     pb: PortReservation = reserve_port()
-    b = await serve(port=pb.port)
-    a = await serve("--peer", pb.url, "--config", str(config))
-    sub = await client(b.url)
+    b = await serve_process(port=pb.port)
+    a = await serve_process("--peer", pb.url, "--config", str(config))
+    sub = await open_client(b.url)
     await sub.subscribe("t")
-    pub = await client(a.url)
+    pub = await open_client(a.url)
     await pub.publish("t", "before")
-    await sub.wait_for(lambda: sub.messages() == ["before"])
+    await sub.wait_for(lambda: sub.messages() == ["before"], within=WAIT)
     await wait_health(a.url, lambda d: link(d)["confirmed"] == 1, what="first confirmed")
 
     b.kill()
@@ -259,7 +259,7 @@ async def test_sigkilled_peer_restarts_link_recovers_overflow_counted(
     assert (doc["outbox"], doc["dropped"], doc["forgotten"]) == (50, 150, 0), doc
     assert "outbox full" in a.log()
 
-    b2 = await serve(port=pb.port)
+    b2 = await serve_process(port=pb.port)
     doc = link(
         await wait_health(a.url, lambda d: link(d)["confirmed"] == 51, what="held 50 confirmed")
     )
@@ -269,44 +269,46 @@ async def test_sigkilled_peer_restarts_link_recovers_overflow_counted(
     # The 50 survivors are the newest ones and reached the new process.
     assert (await health(b2.url))["stats"]["publishes"] == 50
 
-    sub2 = await client(b2.url)
+    sub2 = await open_client(b2.url)
     await sub2.subscribe("t")
     for n in range(3):
         await pub.publish("t", f"after-{n}")
-    await sub2.wait_for(lambda: len(sub2.messages()) == 3)
+    await sub2.wait_for(lambda: len(sub2.messages()) == 3, within=WAIT)
     assert sub2.messages() == ["after-0", "after-1", "after-2"]
 
 
 async def test_peer_tokens_gate_from_peer_server(
-    serve: ProcFactory, client: ClientFactory, reserve_port: Any
+    serve_process: ProcessFactory, open_client: ClientFactory, reserve_port: PortFactory
 ) -> None:
     pb: PortReservation = reserve_port()
-    b = await serve("--accept-peer-token", "s3cret", port=pb.port)
-    good = await serve("--peer", pb.url, "--peer-token", f"{pb.url}=s3cret")
-    bad = await serve("--peer", pb.url, "--peer-token", f"{pb.url}=wrong")
-    sub = await client(b.url)
+    b = await serve_process("--accept-peer-token", "s3cret", port=pb.port)
+    good = await serve_process("--peer", pb.url, "--peer-token", f"{pb.url}=s3cret")
+    bad = await serve_process("--peer", pb.url, "--peer-token", f"{pb.url}=wrong")
+    sub = await open_client(b.url)
     await sub.subscribe("t")
 
     # A plain client claiming to be a peer is refused, and nothing is delivered.
-    intruder = await client(b.url)
-    reply = await intruder.publish("t", "forged", fromPeerServer=True)
+    intruder = await open_client(b.url)
+    reply = await intruder.request(
+        {"type": "publish", "topic": "t", "message": "forged", "fromPeerServer": True}
+    )
     assert (reply["type"], reply["error"]) == ("error", "forbidden"), reply
     # The same client may still publish organically.
     assert (await intruder.publish("t", "organic"))["type"] == "ack"
     # A client that cannot set headers presents the token in the query string.
-    query_peer = await client(f"{b.url}/?peer_token=s3cret")
+    query_peer = await open_client(f"{b.url}/?peer_token=s3cret")
     assert (await query_peer.publish("t", "by-query", fromPeerServer=True))["type"] == "ack"
     # The configured link (Authorization: Bearer) is accepted.
-    good_pub = await client(good.url)
+    good_pub = await open_client(good.url)
     await good_pub.publish("t", "via-link")
-    await sub.wait_for(lambda: "via-link" in sub.messages())
+    await sub.wait_for(lambda: "via-link" in sub.messages(), within=WAIT)
     assert sub.messages() == ["organic", "by-query", "via-link"]
     assert sub.deliveries[0].get("fromPeerServer") is None
     assert sub.deliveries[1]["fromPeerServer"] is True
     assert sub.deliveries[2]["fromPeerServer"] is True
 
     # A link with the wrong token keeps its publishes and keeps retrying.
-    bad_pub = await client(bad.url)
+    bad_pub = await open_client(bad.url)
     await bad_pub.publish("t", "held")
     doc = link(
         await wait_health(bad.url, lambda d: "forbidden" in link(d)["last_error"], what="forbidden")
