@@ -166,24 +166,41 @@ async def open_socket(
 
 async def http_get(url: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     """A plain HTTP/1.1 GET to the server of ``url``; returns (status, body)."""
+    status, _, body = await http_request(url, "GET", path, headers=headers)
+    return status, body
+
+
+async def http_request(
+    url: str,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One plain HTTP/1.1 request to the server of ``url``; (status, headers, body)."""
     reader, writer = await open_socket(url)
     try:
         host, port = _host_port(url)
-        lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}", "Connection: close"]
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Connection: close"]
+        if body is not None:
+            lines.append(f"Content-Length: {len(body)}")
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b""))
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEFAULT_TIMEOUT)
         status = int(head.split(b" ", 2)[1])
-        length = None
+        fields: dict[str, str] = {}
         for line in head.split(b"\r\n")[1:]:
             name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value.strip())
-        if length is None:
-            body = await asyncio.wait_for(reader.read(), DEFAULT_TIMEOUT)
+            if name:
+                fields[name.strip().decode().lower()] = value.strip().decode()
+        length = fields.get("content-length")
+        if method == "HEAD":
+            data = b""
+        elif length is None:
+            data = await asyncio.wait_for(reader.read(), DEFAULT_TIMEOUT)
         else:
-            body = await asyncio.wait_for(reader.readexactly(length), DEFAULT_TIMEOUT)
-        return status, body
+            data = await asyncio.wait_for(reader.readexactly(int(length)), DEFAULT_TIMEOUT)
+        return status, fields, data
     finally:
         writer.close()
         with contextlib.suppress(ConnectionError):

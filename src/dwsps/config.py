@@ -228,6 +228,15 @@ class ServerConfig:
     max_connections_per_ip: int = setting(
         0, help="connections per client address; over it the upgrade gets 429", metavar="N"
     )
+    api_key: str = setting(
+        "",
+        help="enable the HTTP API (POST /api/publish, GET /api/topics, /api/connections)"
+        " for requests with Authorization: Bearer KEY; prefer --api-key-file or DWSPS_API_KEY",
+        metavar="KEY",
+    )
+    api_key_file: str = setting(
+        "", help="read the HTTP API key from FILE (a trailing newline is dropped)", metavar="FILE"
+    )
     backplane: str = setting(
         "memory://", help="memory:// (this server) or redis://...", metavar="URL"
     )

@@ -219,6 +219,13 @@ class Connection(WSListener):
         return self.identity.user
 
     @property
+    def queued_bytes(self) -> int:
+        """Bytes queued for this client and not yet taken by the kernel."""
+        pending = sum(len(chunk) for chunk in self.pending) if self.pending else 0
+        raw = self.raw
+        return pending + (raw.get_write_buffer_size() if raw is not None else 0)
+
+    @property
     def opened(self) -> bool:
         """Whether the WebSocket handshake completed."""
         return self.transport is not None

@@ -196,6 +196,10 @@ class Router(Generic[C]):
         """Every topic some subscriber holds."""
         return list(self._trie.topics())
 
+    def topic_counts(self) -> dict[str, int]:
+        """Subscribers per subscription topic, sorted by topic."""
+        return dict(sorted(self._trie.counts()))
+
     def interest(self) -> list[str]:
         """The channel keys with local interest, sorted."""
         return sorted(self._interest)

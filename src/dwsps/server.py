@@ -22,6 +22,7 @@ from typing import Any
 
 from picows import WSListener
 
+from dwsps.api import HttpApi
 from dwsps.auth import Authenticate, Authenticator, Identity, JwtVerifier, UpgradeRequest
 from dwsps.config import ServerConfig
 from dwsps.connection import Connection, Writer
@@ -86,6 +87,13 @@ class Server:
         )
         self.http = HttpRoutes()
         self.http.add("/health", self._health)
+        self.http.add("/health/live", _live)
+        self.http.add("/health/ready", self._ready)
+        api_key = self.config.api_key
+        if self.config.api_key_file:
+            api_key = _read(self.config.api_key_file, "api_key_file").rstrip("\r\n")
+        if api_key:
+            HttpApi(self.hub, api_key).register(self.http)
         self._peer_auth = PeerAuth(self.config.accept_peer_tokens)
         self._origins = OriginPolicy(self.config.allowed_origins)
         self._links: list[Link] = []
@@ -338,8 +346,17 @@ class Server:
             self.hub.heartbeat()
 
     def _health(self, request: HttpRequest) -> HttpResponse:
-        _, body = self.hub.health()
-        return json_response(body)
+        healthy, body = self.hub.health()
+        return json_response(body, 200 if healthy else 503)
+
+    def _ready(self, request: HttpRequest) -> HttpResponse:
+        healthy, _ = self.hub.health()
+        status = "ready" if healthy else "degraded"
+        return json_response({"status": status}, 200 if healthy else 503)
+
+
+def _live(request: HttpRequest) -> HttpResponse:
+    return json_response({"status": "live"})
 
 
 _PEER = Identity("peer", Permissions.EVERYTHING)

@@ -189,11 +189,16 @@ class SubscriptionTrie(Generic[S]):
 
     def topics(self) -> Iterator[str]:
         """Every subscription topic that has at least one subscriber."""
+        for topic, _ in self.counts():
+            yield topic
+
+    def counts(self) -> Iterator[tuple[str, int]]:
+        """``(subscription topic, number of subscribers)`` for every topic held."""
         stack = [self._root]
         while stack:
             node = stack.pop()
             if node.subscribers:
-                yield node.topic
+                yield node.topic, len(node.subscribers)
             if node.children:
                 stack.extend(node.children.values())
 

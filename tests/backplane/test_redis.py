@@ -246,7 +246,7 @@ async def test_redis_down_at_start(
     try:
         a = await serve_process("--backplane", redis_proc.url, *NO_HEARTBEAT)
         code, health = await get_json(a.url, "/health")
-        assert code == 200
+        assert code == 503, "degraded answers 503 (PROTOCOL: HTTP endpoints)"
         assert health["status"] == "degraded"
         assert health["backplane"]["state"] == "down"
         assert health["backplane"]["healthy"] is False

@@ -1,0 +1,138 @@
+"""The HTTP endpoints over real sockets: health, the publish API and introspection."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from dwsps import Server
+from tests.conftest import ClientFactory, ServerFactory
+from tests.wsclient import http_request
+
+KEY = "k3y-for-tests"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+async def post(srv: Server, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    status, _, data = await http_request(srv.url, "POST", "/api/publish", body, headers)
+    return status, orjson.loads(data) if data.startswith((b"{", b"[")) else {"raw": data}
+
+
+async def test_api_is_off_without_a_key(make_server: ServerFactory) -> None:
+    srv = await make_server()
+    status, _ = await post(srv, b'{"topic": "a"}', AUTH)
+    assert status == 404
+
+
+async def test_publish_goes_the_websocket_way(
+    make_server: ServerFactory, open_client: ClientFactory
+) -> None:
+    srv = await make_server(api_key=KEY)
+    events: list[tuple[str, str | None]] = []
+    srv.on("publish", lambda topic, client_id: events.append((topic, client_id)))
+    sub = await open_client(srv.url)
+    await sub.subscribe("news", "news.uk")
+    status, doc = await post(srv, b'{"topic": "news.uk", "message": {"a": 1}}', AUTH)
+    assert (status, doc) == (200, {"deliveries": 2})
+    got = await sub.take(2)
+    assert sorted(m["context"] for m in got) == ["news", "news.uk"]
+    assert got[0]["message"] == {"a": 1}
+    assert events == [("news.uk", "http")]
+    assert srv.stats.publishes == 1
+
+
+async def test_batch_publish_is_validated_first(
+    make_server: ServerFactory, open_client: ClientFactory
+) -> None:
+    srv = await make_server(api_key=KEY)
+    sub = await open_client(srv.url)
+    await sub.subscribe("b")
+    batch = [{"topic": "b.1", "message": 1}, {"topic": "b..2"}, {"topic": "b.3"}]
+    status, doc = await post(srv, orjson.dumps(batch), AUTH)
+    assert status == 400
+    assert (doc["error"], doc["index"]) == ("invalid_topic", 1)
+    assert srv.stats.publishes == 0, "nothing of a bad batch is published"
+    status, doc = await post(srv, orjson.dumps([batch[0], batch[2]]), AUTH)
+    assert (status, doc) == (200, {"published": 2, "deliveries": 2})
+    assert [m["topic"] for m in await sub.take(2)] == ["b.1", "b.3"]
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"{nope", "invalid_json"),
+        (b'"a string"', "invalid_message"),
+        (b'{"message": 1}', "invalid_message"),
+        (b'{"topic": 5}', "invalid_message"),
+        (b'{"topic": "a.*"}', "invalid_topic"),
+        (b"[]", "invalid_message"),
+    ],
+)
+async def test_bad_publishes_get_the_websocket_error_codes(
+    make_server: ServerFactory, body: bytes, code: str
+) -> None:
+    srv = await make_server(api_key=KEY)
+    status, doc = await post(srv, body, AUTH)
+    assert status == 400
+    assert doc["error"] == code
+    assert doc["detail"]
+
+
+@pytest.mark.parametrize(
+    "headers", [None, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}]
+)
+async def test_the_key_is_required(make_server: ServerFactory, headers: dict | None) -> None:
+    srv = await make_server(api_key=KEY)
+    status, doc = await post(srv, b'{"topic": "a"}', headers)
+    assert status == 401
+    assert doc["error"] == "unauthorized"
+    for path in ("/api/topics", "/api/connections"):
+        status, _, _ = await http_request(srv.url, "GET", path, headers=headers)
+        assert status == 401
+
+
+async def test_a_body_over_the_frame_limit_is_413(make_server: ServerFactory) -> None:
+    srv = await make_server(api_key=KEY, max_frame_size=1000)
+    body = orjson.dumps({"topic": "a", "message": "x" * 2000})
+    status, _ = await post(srv, body, AUTH)
+    assert status == 413
+
+
+async def test_topics_and_connections(
+    make_server: ServerFactory, open_client: ClientFactory
+) -> None:
+    srv = await make_server(api_key=KEY)
+    one = await open_client(srv.url)
+    two = await open_client(srv.url)
+    await one.subscribe("news", "sport")
+    await two.subscribe("news")
+    status, _, data = await http_request(srv.url, "GET", "/api/topics", headers=AUTH)
+    assert status == 200
+    assert orjson.loads(data) == {"topics": {"news": 2, "sport": 1}}
+    status, _, data = await http_request(srv.url, "GET", "/api/connections", headers=AUTH)
+    rows = orjson.loads(data)["connections"]
+    assert sorted(r["subscriptions"] for r in rows) == [["news"], ["news", "sport"]]
+    assert all(r["remote"] == "127.0.0.1" and r["user"] is None for r in rows)
+    assert all(isinstance(r["queued_bytes"], int) for r in rows)
+
+
+async def test_health_live_ready_and_methods(make_server: ServerFactory) -> None:
+    srv = await make_server()
+    for path, expected in (("/health/live", "live"), ("/health/ready", "ready")):
+        status, _, data = await http_request(srv.url, "GET", path)
+        assert (status, orjson.loads(data)["status"]) == (200, expected)
+    status, headers, _ = await http_request(srv.url, "POST", "/health", b"{}")
+    assert status == 405
+    assert "GET" in headers["allow"]
+    status, _, data = await http_request(srv.url, "HEAD", "/health")
+    assert (status, data) == (200, b"")
+    status, _, _ = await http_request(srv.url, "DELETE", "/anything/else")
+    assert status == 404
+
+
+async def test_any_other_path_still_upgrades(
+    make_server: ServerFactory, open_client: ClientFactory
+) -> None:
+    srv = await make_server(api_key=KEY)
+    client = await open_client(srv.url + "/api/publish?x=1")
+    await client.subscribe("t")
