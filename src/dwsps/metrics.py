@@ -1,0 +1,319 @@
+"""Prometheus metrics for one server, read from its counters at scrape time.
+
+The server already counts what matters (:class:`~dwsps.hub.ServerStats`, the
+peer links' and the backplane's ``status()``); :class:`ServerCollector` turns
+those numbers into metric families only when Prometheus scrapes, so the
+publish path pays nothing for metrics. Each :class:`Metrics` has its own
+:class:`~prometheus_client.CollectorRegistry` (never the global one, so two
+servers in one process do not mix) with this server's collector plus the
+process and platform collectors of ``prometheus_client``.
+
+Wiring ``GET /metrics`` is one line in the server::
+
+    self.http.add("/metrics", Metrics(self).response)
+
+Every metric is listed, with its type, labels and meaning, in
+``docs/operations.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sized
+from typing import Any, Final, Protocol
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client import generate_latest as _exposition
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from dwsps import __version__
+from dwsps.errors import ErrorCode
+from dwsps.http import HttpResponse
+
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+"""The content type of :meth:`Metrics.render`'s output (Prometheus text format 0.0.4)."""
+
+PEER_STATES: Final = ("connecting", "up", "down", "closed")
+"""Every state a peer link can be in (``dwsps.links.peering.LinkState``)."""
+BACKPLANE_STATES: Final = ("connecting", "up", "down", "closed")
+"""Every state the built-in backplane engines report."""
+
+
+class Counters(Protocol):
+    """The server counters the collector reads (:class:`~dwsps.hub.ServerStats`)."""
+
+    @property
+    def connections_total(self) -> int: ...
+    @property
+    def requests(self) -> int: ...
+    @property
+    def publishes(self) -> int: ...
+    @property
+    def deliveries(self) -> int: ...
+    @property
+    def errors_by_code(self) -> Mapping[str, int]: ...
+    @property
+    def slow_consumers(self) -> int: ...
+    @property
+    def heartbeat_timeouts(self) -> int: ...
+    @property
+    def invalid_closes(self) -> int: ...
+    @property
+    def duplicates_dropped(self) -> int: ...
+
+
+class _Routes(Protocol):
+    @property
+    def router(self) -> Sized: ...
+
+
+class _StatusLink(Protocol):
+    @property
+    def healthy(self) -> bool: ...
+    def status(self) -> dict[str, Any]: ...
+
+
+class Observed(Protocol):
+    """What the collector needs from a :class:`~dwsps.server.Server`."""
+
+    @property
+    def server_id(self) -> str: ...
+    @property
+    def stats(self) -> Counters: ...
+    @property
+    def connections(self) -> Sized: ...
+    @property
+    def hub(self) -> _Routes: ...
+    @property
+    def backplane(self) -> _StatusLink | None: ...
+    def peer_status(self) -> list[dict[str, Any]]: ...
+
+
+# (metric name without _total, ServerStats field, help)
+_SERVER_COUNTERS: Final = (
+    ("dwsps_connections_opened", "connections_total", "WebSocket connections accepted"),
+    ("dwsps_requests", "requests", "client messages received (valid or not)"),
+    (
+        "dwsps_publishes",
+        "publishes",
+        "publishes accepted on this server (clients, embedding code, peers)",
+    ),
+    (
+        "dwsps_deliveries",
+        "deliveries",
+        "deliveries to local subscribers (one per matching subscription)",
+    ),
+    (
+        "dwsps_slow_consumers",
+        "slow_consumers",
+        "connections closed with 1013 for not reading fast enough",
+    ),
+    (
+        "dwsps_heartbeat_timeouts",
+        "heartbeat_timeouts",
+        "connections dropped for not answering a ping",
+    ),
+    (
+        "dwsps_invalid_closes",
+        "invalid_closes",
+        "connections closed with 1008 after too many invalid requests",
+    ),
+    (
+        "dwsps_duplicates_dropped",
+        "duplicates_dropped",
+        "publishes dropped as copies of one already delivered (peer resends, backplane echoes)",
+    ),
+)
+
+# (metric name without _total, status key, help) for each peer link
+_PEER_COUNTERS: Final = (
+    ("dwsps_peer_connects", "connects", "connections established to the peer"),
+    ("dwsps_peer_queued", "queued", "publishes queued for the peer"),
+    ("dwsps_peer_sent", "sent", "publishes written to the peer for the first time"),
+    ("dwsps_peer_resent", "resent", "publishes written again after a reconnect"),
+    ("dwsps_peer_confirmed", "confirmed", "publishes the peer acknowledged"),
+    ("dwsps_peer_rejected", "rejected", "publishes the peer refused with an error"),
+    (
+        "dwsps_peer_dropped",
+        "dropped",
+        "publishes evicted from the full outbox before being written: lost for this peer",
+    ),
+    (
+        "dwsps_peer_forgotten",
+        "forgotten",
+        "publishes evicted from the full outbox after being written, before a confirmation",
+    ),
+)
+_PEER_GAUGES: Final = (
+    ("dwsps_peer_outbox_messages", "outbox", "publishes held until the peer confirms them"),
+    ("dwsps_peer_outbox_bytes", "outbox_bytes", "bytes held until the peer confirms them"),
+    ("dwsps_peer_in_flight", "in_flight", "publishes written and not yet confirmed"),
+)
+
+# Backplane: the link's counters and the engine's (present for the engines that keep them).
+_BACKPLANE_COUNTERS: Final = (
+    ("dwsps_backplane_forwarded", "forwarded", "publishes this server put on the backplane"),
+    ("dwsps_backplane_delivered", "delivered", "publishes from other servers delivered here"),
+    (
+        "dwsps_backplane_duplicates",
+        "duplicates",
+        "backplane publishes dropped as copies already delivered",
+    ),
+    (
+        "dwsps_backplane_gaps",
+        "gaps",
+        "publishes from other servers that never arrived (numbering gaps)",
+    ),
+    ("dwsps_backplane_invalid", "invalid", "backplane messages that were not dwsps envelopes"),
+    ("dwsps_backplane_published", "published", "envelopes the engine confirmed sent"),
+    ("dwsps_backplane_received", "received", "envelopes the engine received"),
+    (
+        "dwsps_backplane_dropped",
+        "dropped",
+        "envelopes evicted from the full outbox while the backplane was away",
+    ),
+    ("dwsps_backplane_resent", "resent", "envelopes sent again after a reconnect"),
+    ("dwsps_backplane_sessions", "sessions", "connections established to the engine"),
+)
+_BACKPLANE_GAUGES: Final = (
+    ("dwsps_backplane_outbox_messages", "outbox", "envelopes waiting to be sent"),
+    ("dwsps_backplane_outbox_bytes", "outbox_bytes", "bytes waiting to be sent"),
+)
+
+
+class ServerCollector(Collector):
+    """Metric families read from one server's counters on every :meth:`collect`."""
+
+    def __init__(self, server: Observed) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        """The server's metrics as they are now."""
+        server = self.server
+        info = GaugeMetricFamily(
+            "dwsps_info", "this server: its id and dwsps version", labels=["server_id", "version"]
+        )
+        info.add_metric([server.server_id, __version__], 1)
+        yield info
+        yield GaugeMetricFamily(
+            "dwsps_connections", "open client connections", value=len(server.connections)
+        )
+        yield GaugeMetricFamily(
+            "dwsps_subscriptions",
+            "subscriptions held by local clients",
+            value=len(server.hub.router),
+        )
+        stats = server.stats
+        for name, field, help_text in _SERVER_COUNTERS:
+            yield CounterMetricFamily(name, help_text, value=getattr(stats, field))
+        yield _errors(stats.errors_by_code)
+        yield from _peers(server.peer_status())
+        backplane = server.backplane
+        if backplane is not None:
+            yield from _backplane(backplane.status(), backplane.healthy)
+
+
+def _errors(by_code: Mapping[str, int]) -> Metric:
+    errors = CounterMetricFamily(
+        "dwsps_errors", "error replies sent to clients, by error code", labels=["code"]
+    )
+    # Every known code from the start, so rate() works on the first error of a kind.
+    for code in [*ErrorCode, *sorted(set(by_code) - set(ErrorCode))]:
+        errors.add_metric([str(code)], by_code.get(code, 0))
+    return errors
+
+
+def _state_family(
+    name: str,
+    help_text: str,
+    labels: list[str],
+    rows: list[tuple[list[str], str]],
+    known: tuple[str, ...],
+) -> Metric:
+    """One 1/0 sample per (labels, state): 1 for the current state."""
+    family = GaugeMetricFamily(name, help_text, labels=[*labels, "state"])
+    for values, current in rows:
+        for state in known if current in known else (*known, current):
+            family.add_metric([*values, state], 1 if state == current else 0)
+    return family
+
+
+def _peers(links: list[dict[str, Any]]) -> Iterator[Metric]:
+    if not links:
+        return
+    rows = [([link["url"]], str(link["state"])) for link in links]
+    yield _state_family(
+        "dwsps_peer_state", "peer link state: 1 for the current one", ["url"], rows, PEER_STATES
+    )
+    for name, key, help_text in _PEER_COUNTERS:
+        counter = CounterMetricFamily(name, help_text, labels=["url"])
+        for link in links:
+            counter.add_metric([link["url"]], link[key])
+        yield counter
+    for name, key, help_text in _PEER_GAUGES:
+        gauge = GaugeMetricFamily(name, help_text, labels=["url"])
+        for link in links:
+            gauge.add_metric([link["url"]], link[key])
+        yield gauge
+
+
+def _backplane(status: dict[str, Any], healthy: bool) -> Iterator[Metric]:
+    url = [str(status.get("url", ""))]
+    yield _state_family(
+        "dwsps_backplane_state",
+        "backplane engine state: 1 for the current one",
+        ["url"],
+        [(url, str(status.get("state", "")))],
+        BACKPLANE_STATES,
+    )
+    up = GaugeMetricFamily(
+        "dwsps_backplane_healthy",
+        "1 while publishes leave and subscriptions are in place",
+        labels=["url"],
+    )
+    up.add_metric(url, 1 if healthy else 0)
+    yield up
+    for name, key, help_text in _BACKPLANE_COUNTERS:
+        if key in status:
+            counter = CounterMetricFamily(name, help_text, labels=["url"])
+            counter.add_metric(url, status[key])
+            yield counter
+    for name, key, help_text in _BACKPLANE_GAUGES:
+        if key in status:
+            gauge = GaugeMetricFamily(name, help_text, labels=["url"])
+            gauge.add_metric(url, status[key])
+            yield gauge
+    if "servers" in status:
+        servers = GaugeMetricFamily(
+            "dwsps_backplane_servers",
+            "servers of the group this server knows of (itself included; 0 until the first resync)",
+            labels=["url"],
+        )
+        servers.add_metric(url, len(status["servers"]))
+        yield servers
+
+
+class Metrics:
+    """One server's metrics registry: its collector, plus process and platform metrics."""
+
+    def __init__(self, server: Observed) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(ServerCollector(server))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+
+    def render(self) -> bytes:
+        """Every metric now, in the Prometheus text format (:data:`CONTENT_TYPE`)."""
+        return _exposition(self.registry)
+
+    def response(self) -> HttpResponse:
+        """The answer to ``GET /metrics``."""
+        return HttpResponse(200, self.render(), CONTENT_TYPE)
+
+
+def render(server: Observed) -> bytes:
+    """``server``'s metrics in the Prometheus text format, from a fresh :class:`Metrics`.
+
+    A server that is scraped repeatedly should keep one :class:`Metrics` instead.
+    """
+    return Metrics(server).render()
