@@ -1,10 +1,18 @@
-"""The ``dwsps`` command: ``serve``, ``pub``, ``sub`` and ``bench``.
+"""The ``dwsps`` command: ``serve``, ``pub``, ``sub``, ``stat`` and ``bench``.
 
 ``dwsps serve`` builds its :class:`~dwsps.config.ServerConfig` from defaults <
 ``--config`` TOML file < ``DWSPS_<FIELD>`` environment variables < options
 (one per setting, generated from the dataclass: see :mod:`dwsps.config`),
-prints ``dwsps listening on ws://HOST:PORT`` once it accepts connections, and
-shuts down gracefully (clients get 1001) on SIGTERM or SIGINT, exiting 0.
+checks it (:func:`~dwsps.startup.check_startup`: one line naming the bad
+setting, exit 1), prints ``dwsps listening on ws://HOST:PORT`` once it accepts
+connections, and shuts down gracefully (clients get 1001) on SIGTERM or
+SIGINT, exiting 0. It logs to stderr as text or, with ``--log-format json``,
+one JSON object per line (:mod:`dwsps.logs`).
+
+``dwsps pub`` publishes one message (an argument, or stdin with ``-``) or, with
+``--lines``, each line of stdin as it arrives. ``dwsps sub`` prints deliveries
+and says on stderr when it lost the connection and when it is back.
+``dwsps stat`` is :mod:`dwsps.stat`.
 """
 
 from __future__ import annotations
@@ -14,23 +22,39 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
 from dwsps import __version__
+from dwsps import stat as stat_command
 from dwsps.bench import command as bench_command
-from dwsps.client import Client
+from dwsps.client import NO_RECONNECT_CODES, Client
 from dwsps.config import add_flags, flag_values, load_config, sources_help
-from dwsps.errors import ConfigError, DwspsError, RequestError
+from dwsps.errors import (
+    AckTimeout,
+    CloseCode,
+    ConfigError,
+    ConnectionLost,
+    DwspsError,
+    RequestError,
+)
+from dwsps.logs import LOG_FORMATS, configure
 from dwsps.loop import run
 from dwsps.server import Server
+from dwsps.startup import check_startup
+from dwsps.stdin import LineTooLong, StdinLines
 
 DEFAULT_URL = "ws://127.0.0.1:8000"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_LIMIT_IN_REASON: Final = re.compile(r"(?:>|limit)\s*(\d+)")
+"""The server's size limit in a 1009 close reason ("... 389 > 100" from picows)."""
+
+log = logging.getLogger("dwsps.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,15 +85,35 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("DWSPS_LOG_LEVEL", "info").lower(),
         help="what the server logs (default: info, or $DWSPS_LOG_LEVEL)",
     )
+    serve.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=os.environ.get("DWSPS_LOG_FORMAT", "text").lower(),
+        help="text, or json: one JSON object per line for log shippers"
+        " (default: text, or $DWSPS_LOG_FORMAT)",
+    )
     serve.set_defaults(func=_serve)
 
     pub = sub.add_parser(
         "pub",
-        help="publish one message",
-        description="Publish MESSAGE to TOPIC and print the server's ack as JSON.",
+        help="publish a message, or each line of stdin",
+        description="Publish MESSAGE to TOPIC and print the server's ack as JSON. With"
+        " --lines, publish each line of stdin as it arrives (tail -f app.log | dwsps pub"
+        " logs --lines) and report a summary on stderr at the end.",
     )
     pub.add_argument("topic", metavar="TOPIC")
-    pub.add_argument("message", metavar="MESSAGE", help="JSON if it parses, else a string")
+    pub.add_argument(
+        "message",
+        metavar="MESSAGE",
+        nargs="?",
+        help="JSON if it parses, else a string; - reads the message from stdin",
+    )
+    pub.add_argument(
+        "--lines",
+        action="store_true",
+        help="publish each line of stdin (JSON if it parses, else a string; blank lines"
+        " are skipped) until end of input or a signal",
+    )
     _client_options(pub)
     pub.set_defaults(func=_pub)
 
@@ -77,12 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
         "sub",
         help="print deliveries",
         description="Subscribe to TOPICs and print one JSON delivery per line until"
-        " interrupted. A line on stderr says when every subscription is in place.",
+        " interrupted. Lines on stderr say when every subscription is in place, when the"
+        " connection was lost and when it is back.",
     )
     subp.add_argument("topics", metavar="TOPIC", nargs="+")
     subp.add_argument("--count", type=int, metavar="N", help="exit after N deliveries")
     _client_options(subp)
     subp.set_defaults(func=_sub)
+
+    stat = sub.add_parser(
+        "stat",
+        help="watch a server's connections, subscriptions and rates",
+        description="A live view of the server at URL from its /health endpoint:"
+        " connections, subscriptions, publishes/s, deliveries/s and errors/s, redrawn in"
+        " place on a terminal, one line per sample otherwise.",
+    )
+    stat_command.add_arguments(stat)
+    stat.set_defaults(func=stat_command.run)
 
     bench = sub.add_parser("bench", help="run a load scenario")
     bench_command.add_arguments(bench)
@@ -119,15 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     return func(args)
 
 
-def _on_stop_signals(callback: Callable[[], object]) -> None:
+def _on_stop_signals(callback: Callable[[signal.Signals], object]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows
-            loop.add_signal_handler(sig, callback)
+            loop.add_signal_handler(sig, callback, sig)
 
 
 def _fail(command: str, err: object) -> int:
-    print(f"dwsps {command}: {err}", file=sys.stderr, flush=True)
+    _say(command, str(err))
     return 1
 
 
@@ -135,71 +190,192 @@ def _fail(command: str, err: object) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    if args.log_level not in LOG_LEVELS:  # a bad $DWSPS_LOG_LEVEL bypasses choices
+    # A bad $DWSPS_LOG_LEVEL or $DWSPS_LOG_FORMAT bypasses choices.
+    if args.log_level not in LOG_LEVELS:
         return _fail("serve", f"log level must be one of {', '.join(LOG_LEVELS)}")
+    if args.log_format not in LOG_FORMATS:
+        return _fail("serve", f"log format must be one of {', '.join(LOG_FORMATS)}")
     try:
         config = load_config(args.config, overrides=flag_values(args))
+        check_startup(config)
     except ConfigError as exc:
         return _fail("serve", exc)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure(args.log_level, args.log_format)
     if args.log_level != "debug":
         # picows logs every connection at INFO: too chatty for a server's log.
         logging.getLogger("picows").setLevel(logging.WARNING)
     return run(_serve_async(Server(config)))
 
 
+def _listen_error(exc: OSError) -> str:
+    """``address already in use``, not asyncio's whole sentence around it."""
+    if exc.errno is not None and exc.errno > 0:
+        return os.strerror(exc.errno).lower()
+    return str(exc.strerror or exc)  # getaddrinfo errors have negative numbers
+
+
 async def _serve_async(server: Server) -> int:
+    config = server.config
     try:
         await server.start()
     except OSError as exc:
         await server.close()
-        return _fail("serve", f"cannot listen on {server.config.host}:{server.config.port}: {exc}")
-    except ValueError as exc:  # e.g. a backplane URL it cannot use
+        return _fail("serve", f"cannot listen on {config.host}:{config.port}: {_listen_error(exc)}")
+    except ValueError as exc:  # ConfigError: what check_startup cannot know before starting
         await server.close()
         return _fail("serve", exc)
     stop = asyncio.Event()
-    _on_stop_signals(stop.set)
+    signals: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        signals.append(sig)
+        stop.set()
+
+    _on_stop_signals(on_signal)
     try:
         print(f"dwsps listening on {server.url}", flush=True)
         await stop.wait()
+        log.info(
+            "%s: shutting down, closing %d connection(s)", signals[0].name, len(server.connections)
+        )
     finally:
         await server.close()
+    log.info("dwsps server %s stopped", server.server_id)
     return 0
 
 
 # -- pub and sub ------------------------------------------------------------
 
 
-def _parse_message(text: str) -> Any:
+def _parse_message(text: str | bytes) -> Any:
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
-        return text
+        return text.decode(errors="replace") if isinstance(text, bytes) else text
 
 
 def _json_line(obj: Any) -> str:
     return orjson.dumps(obj).decode()
 
 
+def _too_large(code: int | None, reason: str) -> str | None:
+    """What a 1009 close means for the publisher, or None for another close."""
+    if code != CloseCode.MESSAGE_TOO_BIG:
+        return None
+    found = _LIMIT_IN_REASON.search(reason)
+    limit = f"limit {found.group(1)} bytes" if found else "larger than the server accepts"
+    return f"message too large ({limit})"
+
+
+def _report_connection(client: Client, command: str) -> Callable[[], None]:
+    """Say on stderr when ``client`` loses its connection and when it is back.
+
+    Returns the function that silences it (call it before closing on purpose).
+    """
+    quiet: list[bool] = []
+
+    def lost(code: int, reason: str) -> None:
+        if quiet:
+            return
+        text = f"lost the connection to {client.url} ({f'{code} {reason}'.strip()})"
+        if client.reconnect and code not in NO_RECONNECT_CODES:
+            text += "; reconnecting"
+        _say(command, text)
+
+    def back() -> None:
+        if not quiet:
+            _say(command, f"reconnected to {client.url}")
+
+    client.on("disconnect", lost)
+    client.on("reconnect", back)
+    return lambda: quiet.append(True)
+
+
+def _say(command: str, text: str) -> None:
+    print(f"dwsps {command}: {text}", file=sys.stderr, flush=True)
+
+
 def _pub(args: argparse.Namespace) -> int:
-    return run(_pub_async(args))
+    # Usage errors (exit 2), which argparse cannot express for an optional MESSAGE.
+    if args.lines:
+        if args.message is not None:
+            _say("pub", "--lines reads the messages from stdin: give no MESSAGE")
+            return 2
+        return run(_pub_lines(args))
+    if args.message is None:
+        _say("pub", "give a MESSAGE, - to read it from stdin, or --lines")
+        return 2
+    message = args.message
+    if message == "-":
+        message = sys.stdin.buffer.read().removesuffix(b"\n").removesuffix(b"\r")
+    return run(_pub_async(args, _parse_message(message)))
 
 
-async def _pub_async(args: argparse.Namespace) -> int:
+async def _pub_async(args: argparse.Namespace, message: Any) -> int:
     client = Client(args.url, reconnect=False, request_timeout=args.timeout, queue_size=0)
     try:
         async with client:
-            ack = await client.publish(args.topic, _parse_message(args.message))
+            ack = await client.publish(args.topic, message)
     except RequestError as exc:
         return _fail("pub", _json_line(exc.reply))
+    except ConnectionLost as exc:
+        return _fail("pub", _too_large(client.close_code, client.close_reason) or exc)
     except DwspsError as exc:
         return _fail("pub", exc)
     print(_json_line(ack), flush=True)
     return 0
+
+
+async def _pub_lines(args: argparse.Namespace) -> int:
+    client = Client(args.url, request_timeout=args.timeout, queue_size=0)
+    last_close: list[tuple[int, str]] = []
+    client.on("disconnect", lambda code, reason: last_close.append((code, reason)))
+    quiet = _report_connection(client, "pub")
+    published = failed = 0
+    error = False
+    async with StdinLines() as lines:
+        _on_stop_signals(lambda sig: lines.stop())
+        try:
+            async with client:
+                while True:
+                    try:
+                        line = await lines.next()
+                    except LineTooLong as exc:
+                        failed += 1
+                        _say("pub", str(exc))
+                        continue
+                    if line is None:
+                        break
+                    if not line.strip():
+                        continue
+                    problem = await _publish_line(client, args.topic, line, last_close)
+                    if problem is None:
+                        published += 1
+                    else:
+                        failed += 1
+                        _say("pub", f"line {lines.number}: {problem}")
+                quiet()
+        except DwspsError as exc:  # could not connect, or closed for good (e.g. 1008)
+            _say("pub", str(exc))
+            error = True
+    summary = f"published {published} line(s) to {args.topic}"
+    _say("pub", summary + (f", {failed} failed" if failed else ""))
+    return 1 if failed or error else 0
+
+
+async def _publish_line(
+    client: Client, topic: str, line: bytes, last_close: list[tuple[int, str]]
+) -> str | None:
+    """Publish one line; None when acked, else what went wrong (ConnectionClosed: for good)."""
+    try:
+        await client.publish(topic, _parse_message(line))
+    except RequestError as exc:
+        return _json_line(exc.reply)
+    except ConnectionLost as exc:
+        return (_too_large(*last_close[-1]) if last_close else None) or str(exc)
+    except AckTimeout as exc:
+        return str(exc)
+    return None
 
 
 def _sub(args: argparse.Namespace) -> int:
@@ -210,12 +386,14 @@ def _sub(args: argparse.Namespace) -> int:
 
 async def _sub_async(args: argparse.Namespace) -> int:
     client = Client(args.url, request_timeout=args.timeout)
+    quiet = _report_connection(client, "sub")
     received = 0
     stopping: list[asyncio.Task[None]] = []
 
-    def stop() -> None:
+    def stop(sig: signal.Signals) -> None:
         # Closing ends the async-for below, so a signal means a clean exit.
         if not stopping:
+            quiet()
             stopping.append(asyncio.create_task(client.close()))
 
     try:
@@ -229,6 +407,7 @@ async def _sub_async(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
                 received += 1
                 if args.count is not None and received >= args.count:
+                    quiet()
                     break
     except RequestError as exc:
         return _fail("sub", _json_line(exc.reply))

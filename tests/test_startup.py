@@ -1,0 +1,175 @@
+"""``check_startup``: each bad setting is one line naming it, from ``dwsps serve`` (exit 1)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dwsps.config import ServerConfig
+from dwsps.errors import ConfigError
+from dwsps.startup import check_startup
+from tests.procs import TIME_SCALE
+
+WAIT = 20.0 * TIME_SCALE
+
+
+@pytest.fixture(scope="module")
+def pems(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """cert.pem + key.pem, other-key.pem (another key), encrypted-key.pem, both.pem, junk.pem."""
+    folder = tmp_path_factory.mktemp("pems")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+
+    for name in ("", "other-"):
+        openssl(
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+            "/CN=127.0.0.1", "-keyout", f"{name}key.pem", "-out", f"{name}cert.pem",
+        )  # fmt: skip
+    openssl("rsa", "-in", "key.pem", "-aes256", "-passout", "pass:pw", "-out", "encrypted-key.pem")
+    (folder / "both.pem").write_bytes(
+        (folder / "cert.pem").read_bytes() + (folder / "key.pem").read_bytes()
+    )
+    (folder / "junk.pem").write_text("not a certificate\n")
+    return folder
+
+
+async def serve(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """``python -m dwsps serve --port 0 ARGS`` until it exits: (code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dwsps", "serve", "--host", "127.0.0.1", "--port", "0", *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), WAIT)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+BAD = [  # (flags, the setting named, the problem); {d} is the folder of the PEM files
+    (
+        "--tls-cert {d}/missing.pem",
+        "tls_cert (--tls-cert)",
+        "cannot read {d}/missing.pem: No such file or directory",
+    ),
+    (
+        "--tls-cert {d}/cert.pem --tls-key {d}/missing.pem",
+        "tls_key (--tls-key)",
+        "cannot read {d}/missing.pem: No such file or directory",
+    ),
+    ("--tls-cert {d}", "tls_cert (--tls-cert)", "cannot read {d}: Is a directory"),
+    ("--tls-cert {d}/junk.pem", "tls_cert (--tls-cert)", "{d}/junk.pem holds no PEM certificate"),
+    (
+        "--tls-cert {d}/cert.pem",
+        "tls_cert (--tls-cert)",
+        "{d}/cert.pem holds no private key; give it with --tls-key",
+    ),
+    (
+        "--tls-cert {d}/cert.pem --tls-key {d}/junk.pem",
+        "tls_key (--tls-key)",
+        "{d}/junk.pem holds no PEM private key",
+    ),
+    (
+        "--tls-cert {d}/cert.pem --tls-key {d}/other-key.pem",
+        "tls_key (--tls-key)",
+        "{d}/other-key.pem is not the private key of the certificate in {d}/cert.pem",
+    ),
+    (
+        "--tls-cert {d}/cert.pem --tls-key {d}/encrypted-key.pem",
+        "tls_key (--tls-key)",
+        "the private key is encrypted; give an unencrypted PEM key",
+    ),
+    ("--tls-key {d}/key.pem", "tls_key (--tls-key)", "is set but tls_cert (--tls-cert) is not"),
+    ("--peer http://peer:8000", "peers (--peer)", "http://peer:8000 is not a ws:// or wss:// URL"),
+    ("--peer ws://:8000", "peers (--peer)", "ws://:8000 has no host"),
+    ("--peer ws://peer:99999", "peers (--peer)", "ws://peer:99999 has a bad port (want 1-65535)"),
+    ("--peer ws://peer:http", "peers (--peer)", "ws://peer:http has a bad port (want 1-65535)"),
+    ("--peer ws://peer:0", "peers (--peer)", "ws://peer:0 has a bad port (want 1-65535)"),
+    (
+        "--peer wss://user:hunter2@peer:x",
+        "peers (--peer)",
+        "wss://user:***@peer:x has a bad port (want 1-65535)",
+    ),
+    (
+        "--backplane nats://bus:4222",
+        "backplane (--backplane)",
+        "unknown scheme 'nats' in nats://bus:4222; known: memory, redis, rediss",
+    ),
+    (
+        "--backplane redis://cache:port",
+        "backplane (--backplane)",
+        "redis://cache:port: Port could not be cast to integer value as 'port'",
+    ),
+]
+
+
+@pytest.mark.parametrize(("flags", "message"), BAD)
+async def test_serve_names_the_bad_setting_and_exits_1(
+    pems: Path, flags: str, message: str
+) -> None:
+    code, out, err = await serve(*flags.format(d=pems).split())
+    assert (code, out) == (1, "")
+    assert err == f"dwsps serve: {message.format(d=pems)}\n"
+
+
+async def test_redis_backplane_without_the_redis_package(tmp_path: Path) -> None:
+    # A package that fails to import as a missing one does: redis is "not installed".
+    (tmp_path / "redis").mkdir()
+    (tmp_path / "redis" / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'redis'\", name='redis')\n"
+    )
+    code, out, err = await serve(
+        "--backplane", "redis://127.0.0.1:6379/0", env={"PYTHONPATH": str(tmp_path)}
+    )
+    assert (code, out) == (1, "")
+    assert err == (
+        "dwsps serve: backplane (--backplane): redis:// needs the redis package:"
+        " pip install 'dwsps[redis]'\n"
+    )
+
+
+async def test_a_port_in_use_is_one_line() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dwsps", "serve", "--host", "127.0.0.1", "--port", str(port),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), WAIT)
+    assert (proc.returncode, out) == (1, b"")
+    assert (
+        err.decode() == f"dwsps serve: cannot listen on 127.0.0.1:{port}: address already in use\n"
+    )
+
+
+def test_good_configurations_pass(pems: Path) -> None:
+    check_startup(ServerConfig())
+    check_startup(ServerConfig(tls_cert=str(pems / "cert.pem"), tls_key=str(pems / "key.pem")))
+    check_startup(ServerConfig(tls_cert=str(pems / "both.pem")))
+    check_startup(
+        ServerConfig(
+            peers=["ws://peer-a:8000", "wss://peer.example/dwsps?x=1", "ws://[::1]:9000"],
+            backplane="memory://group",
+        )
+    )
+    check_startup(ServerConfig(backplane="rediss://:secret@cache:6380/1?prefix=app"))
+
+
+def test_the_error_is_a_config_error_without_secrets() -> None:
+    with pytest.raises(ConfigError, match=r"^peers \(--peer\): ws://u:\*\*\*@:1 has no host$"):
+        check_startup(ServerConfig(peers=["ws://u:hunter2@:1"]))
