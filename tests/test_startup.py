@@ -115,13 +115,13 @@ BAD = [  # (flags, the setting named, the problem); {d} is the folder of the PEM
 ]
 
 
-@pytest.mark.parametrize(("flags", "message"), BAD)
+@pytest.mark.parametrize(("flags", "setting", "problem"), BAD)
 async def test_serve_names_the_bad_setting_and_exits_1(
-    pems: Path, flags: str, message: str
+    pems: Path, flags: str, setting: str, problem: str
 ) -> None:
     code, out, err = await serve(*flags.format(d=pems).split())
     assert (code, out) == (1, "")
-    assert err == f"dwsps serve: {message.format(d=pems)}\n"
+    assert err == f"dwsps serve: {setting}: {problem.format(d=pems)}\n"
 
 
 async def test_redis_backplane_without_the_redis_package(tmp_path: Path) -> None:
