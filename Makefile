@@ -1,20 +1,34 @@
-# make run  - start a server on the embedded default (ws://127.0.0.1:8000)
+# make run  - install what running needs, then start a server on the embedded default
+#             (ws://127.0.0.1:8000)
 # make test - install everything the tests need, then lint, type-check and test
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# pip's own output (a line per package) is the progress shown: no -q.
+PIP := $(PY) -m pip install --disable-pip-version-check
 
-.PHONY: run test setup system-deps node-deps lint types unit bench clean
+.PHONY: run test setup runtime system-deps node-deps lint types unit bench clean
 
-$(VENV)/.installed: pyproject.toml
+# What running needs: dwsps and its dependencies, no dev tools.
+$(VENV)/.runtime: pyproject.toml
+	@echo "==> creating $(VENV)"
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	@echo "==> installing dwsps and what it needs to run"
+	$(PIP) -e .
 	touch $@
+
+# What the tests and checks need on top: pytest, mypy, ruff, redis, ...
+$(VENV)/.installed: $(VENV)/.runtime
+	@echo "==> installing the development tools"
+	$(PIP) -e '.[dev]'
+	touch $@
+
+runtime: $(VENV)/.runtime
 
 setup: $(VENV)/.installed
 
-run: setup
+run: runtime
+	@echo "==> starting dwsps serve (Ctrl-C stops it; $(VENV)/bin/dwsps is the command)"
 	$(VENV)/bin/dwsps serve
 
 system-deps:

@@ -275,6 +275,13 @@ class ServerConfig:
         metavar="SECONDS",
         parse=parse_duration,
     )
+    listen_backlog: int = setting(
+        1024,
+        help="connections the kernel queues before dwsps accepts them (capped by"
+        " net.core.somaxconn): room for every client reconnecting at once",
+        metavar="N",
+        maximum=65535,
+    )
     close_timeout: float = setting(
         2.0,
         help="how long a graceful shutdown waits for clients to finish the close handshake",

@@ -96,7 +96,8 @@ _SERVER_COUNTERS: Final = (
     (
         "dwsps_publishes",
         "publishes",
-        "publishes accepted on this server (clients, embedding code, peers)",
+        "publishes accepted on this server (its clients, peers connecting to it, the"
+        " embedding code)",
     ),
     (
         "dwsps_deliveries",
