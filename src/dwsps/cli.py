@@ -366,7 +366,10 @@ async def _pub_lines(args: argparse.Namespace) -> int:
 async def _publish_line(
     client: Client, topic: str, line: bytes, last_close: list[tuple[int, str]]
 ) -> str | None:
-    """Publish one line; None when acked, else what went wrong (ConnectionClosed: for good)."""
+    """Publish one line: None once acked, else what went wrong.
+
+    Raises ConnectionClosed when the client is closed for good (e.g. 1008).
+    """
     try:
         await client.publish(topic, _parse_message(line))
     except RequestError as exc:
