@@ -22,7 +22,7 @@ ENV DWSPS_HOST=0.0.0.0 \
     PYTHONUNBUFFERED=1
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ['DWSPS_PORT'], timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health/live' % os.environ['DWSPS_PORT'], timeout=2)"]
 # SIGTERM: clients get 1001 and the process exits 0 (docker stop waits 10 s by default).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["dwsps", "serve"]

@@ -23,13 +23,12 @@ import pytest
 
 from dwsps.cli import _too_large
 from dwsps.logs import JsonFormatter
-from tests.conftest import ClientFactory, ServerFactory
-from tests.peering.helpers import PortReservation
-from tests.procs import TIME_SCALE, ServerProcess
+from tests.conftest import ClientFactory, PortFactory, ProcessFactory, ServerFactory
+from tests.support import scaled
 from tests.test_cli import run_cli
 from tests.wsclient import is_delivery
 
-WAIT = 15.0 * TIME_SCALE
+WAIT = scaled(15.0)
 
 
 @contextlib.asynccontextmanager
@@ -67,10 +66,9 @@ async def run_with_stdin(data: bytes, *args: str) -> tuple[int, str, str]:
 # -- serve: logs ----------------------------------------------------------------------
 
 
-async def test_serve_json_logs_listening_and_shutdown() -> None:
-    srv = ServerProcess("--log-format", "json")
-    async with srv:
-        assert await srv.stop() == 0
+async def test_serve_json_logs_listening_and_shutdown(serve_process: ProcessFactory) -> None:
+    srv = await serve_process("--log-format", "json")
+    assert await srv.stop() == 0
     lines = srv.log().splitlines()
     assert lines.count(f"dwsps listening on {srv.url}") == 1  # stdout, exactly as before
     records = [orjson.loads(line) for line in lines if not line.startswith("dwsps listening")]
@@ -86,10 +84,9 @@ async def test_serve_json_logs_listening_and_shutdown() -> None:
     assert messages[-1][2].endswith(" stopped")
 
 
-async def test_serve_text_logs_say_so_too() -> None:
-    srv = ServerProcess()
-    async with srv:
-        assert await srv.stop() == 0
+async def test_serve_text_logs_say_so_too(serve_process: ProcessFactory) -> None:
+    srv = await serve_process()
+    assert await srv.stop() == 0
     log = srv.log()
     assert re.search(r" INFO dwsps\.server: dwsps server \w+ listening on ", log)
     assert "INFO dwsps.cli: SIGTERM: shutting down" in log
@@ -224,33 +221,30 @@ async def test_pub_usage_errors() -> None:
 # -- sub ------------------------------------------------------------------------------
 
 
-async def test_sub_says_when_it_lost_the_connection_and_when_it_is_back() -> None:
-    port = PortReservation()
-    try:
-        async with (
-            ServerProcess(port=port.port) as first,
-            dwsps("sub", "news", "--url", first.url) as sub,
-        ):
-            assert "subscribed to news" in await line_of(sub.stderr)
-            await first.stop()
-            lost = await line_of(sub.stderr)
-            assert lost == (
-                f"dwsps sub: lost the connection to {first.url} (1001 server shutting down);"
-                " reconnecting\n"
-            )
-            async with ServerProcess(port=port.port) as second:
-                assert await line_of(sub.stderr) == f"dwsps sub: reconnected to {second.url}\n"
-                # Subscribed again: a publish on the new server arrives.
-                code, _, err = await run_cli("pub", "news", "back", "--url", second.url)
-                assert code == 0, err
-                delivery = orjson.loads(await line_of(sub.stdout))
-                assert delivery["message"] == "back"
-                sub.send_signal(signal.SIGTERM)
-                assert await asyncio.wait_for(sub.wait(), WAIT) == 0
-                assert sub.stderr is not None
-                assert await sub.stderr.read() == b""  # nothing said about its own close
-    finally:
-        port.release()
+async def test_sub_says_when_it_lost_the_connection_and_when_it_is_back(
+    serve_process: ProcessFactory, reserve_port: PortFactory
+) -> None:
+    port = reserve_port().port
+    first = await serve_process(port=port)
+    async with dwsps("sub", "news", "--url", first.url) as sub:
+        assert "subscribed to news" in await line_of(sub.stderr)
+        await first.stop()
+        lost = await line_of(sub.stderr)
+        assert lost == (
+            f"dwsps sub: lost the connection to {first.url} (1001 server shutting down);"
+            " reconnecting\n"
+        )
+        second = await serve_process(port=port)
+        assert await line_of(sub.stderr) == f"dwsps sub: reconnected to {second.url}\n"
+        # Subscribed again: a publish on the new server arrives.
+        code, _, err = await run_cli("pub", "news", "back", "--url", second.url)
+        assert code == 0, err
+        delivery = orjson.loads(await line_of(sub.stdout))
+        assert delivery["message"] == "back"
+        sub.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(sub.wait(), WAIT) == 0
+        assert sub.stderr is not None
+        assert await sub.stderr.read() == b""  # nothing said about its own close
 
 
 # -- stat -----------------------------------------------------------------------------
@@ -335,12 +329,9 @@ async def test_stat_redraws_in_place_on_a_terminal(make_server: ServerFactory) -
         os.close(slave)
 
 
-async def test_stat_unreachable_and_bad_urls(make_server: ServerFactory) -> None:
-    gone = PortReservation()
-    try:
-        code, out, err = await run_cli("stat", gone.url, "--once", "--interval", "0.1")
-    finally:
-        gone.release()
+async def test_stat_unreachable_and_bad_urls(reserve_port: PortFactory) -> None:
+    gone = reserve_port()
+    code, out, err = await run_cli("stat", gone.url, "--once", "--interval", "0.1")
     assert (code, out) == (1, "")
     assert err.startswith(f"dwsps stat: cannot read http://127.0.0.1:{gone.port}/health: ")
     assert "refused" in err

@@ -9,9 +9,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dwsps import Server
 from dwsps.errors import ErrorCode
+from dwsps.http import HttpRequest
 from dwsps.metrics import CONTENT_TYPE, Metrics, render
 from tests.conftest import ClientFactory, ServerFactory
-from tests.peering.helpers import wait_until
+from tests.support import eventually
 from tests.wsclient import DEFAULT_TIMEOUT, is_delivery
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -82,7 +83,7 @@ async def test_traffic_counters_and_errors_by_code(
     assert value(m, "dwsps_info", server_id=srv.server_id, version="0.1.0") == 1
 
     await sub2.close()
-    await wait_until(lambda: len(srv.connections) == 2, what="the close to be seen")
+    await eventually(lambda: len(srv.connections) == 2, "the close to be seen")
     m = scrape(srv)
     assert (value(m, "dwsps_connections"), value(m, "dwsps_subscriptions")) == (2, 2)
 
@@ -109,7 +110,7 @@ async def test_process_and_platform_metrics_in_a_private_registry(
     assert value(scrape(second), "dwsps_publishes_total") == 0
     assert REGISTRY.get_sample_value("dwsps_publishes_total") is None
     metrics = Metrics(first)
-    response = metrics.response()
+    response = metrics.response(HttpRequest("GET", "/metrics"))
     assert (response.status, response.content_type) == (200, CONTENT_TYPE)
     assert b"\ndwsps_publishes_total 1.0\n" in response.body
     first.publish("news", 2)
@@ -130,7 +131,7 @@ async def test_peer_links_state_and_counters(
         await asyncio.wait_for(up.wait(), DEFAULT_TIMEOUT)
     local.publish("news", "hello")
     await watcher.next_message(is_delivery("news"))
-    await wait_until(lambda: local.peer_status()[0]["confirmed"] == 1, what="the peer's ack")
+    await eventually(lambda: local.peer_status()[0]["confirmed"] == 1, "the peer's ack")
 
     m = scrape(local)
     url = remote.url

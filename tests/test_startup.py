@@ -14,9 +14,9 @@ import pytest
 from dwsps.config import ServerConfig
 from dwsps.errors import ConfigError
 from dwsps.startup import check_startup
-from tests.procs import TIME_SCALE
+from tests.support import scaled
 
-WAIT = 20.0 * TIME_SCALE
+WAIT = scaled(20.0)
 
 
 @pytest.fixture(scope="module")

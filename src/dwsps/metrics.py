@@ -19,6 +19,7 @@ Every metric is listed, with its type, labels and meaning, in
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sized
+from importlib import metadata
 from typing import Any, Final, Protocol
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -26,12 +27,23 @@ from prometheus_client import generate_latest as _exposition
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from dwsps import __version__
 from dwsps.errors import ErrorCode
-from dwsps.http import HttpResponse
+from dwsps.http import HttpRequest, HttpResponse
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 """The content type of :meth:`Metrics.render`'s output (Prometheus text format 0.0.4)."""
+
+
+def _version() -> str:
+    # Not dwsps.__version__: the package imports the server, which imports this module.
+    try:
+        return metadata.version("dwsps")
+    except metadata.PackageNotFoundError:  # a source tree that is not installed
+        return "unknown"
+
+
+VERSION: Final = _version()
+"""The installed dwsps version (the ``version`` label of ``dwsps_info``)."""
 
 PEER_STATES: Final = ("connecting", "up", "down", "closed")
 """Every state a peer link can be in (``dwsps.links.peering.LinkState``)."""
@@ -194,7 +206,7 @@ class ServerCollector(Collector):
         info = GaugeMetricFamily(
             "dwsps_info", "this server: its id and dwsps version", labels=["server_id", "version"]
         )
-        info.add_metric([server.server_id, __version__], 1)
+        info.add_metric([server.server_id, VERSION], 1)
         yield info
         yield GaugeMetricFamily(
             "dwsps_connections", "open client connections", value=len(server.connections)
@@ -307,8 +319,8 @@ class Metrics:
         """Every metric now, in the Prometheus text format (:data:`CONTENT_TYPE`)."""
         return _exposition(self.registry)
 
-    def response(self) -> HttpResponse:
-        """The answer to ``GET /metrics``."""
+    def response(self, request: HttpRequest) -> HttpResponse:
+        """The answer to ``GET /metrics`` (an :data:`~dwsps.http.Handler`)."""
         return HttpResponse(200, self.render(), CONTENT_TYPE)
 
 
