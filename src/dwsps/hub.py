@@ -16,10 +16,12 @@ links' :class:`~dwsps.links.LinkHost`; it holds no socket and no listener.
 
 from __future__ import annotations
 
+import copy
 import logging
 import secrets
 import time
-from dataclasses import dataclass, fields
+from collections import Counter
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from dwsps.auth import UNAUTHENTICATED, Authenticator, Identity
@@ -68,10 +70,12 @@ class ServerStats:
     heartbeat_timeouts: int = 0
     invalid_closes: int = 0
     duplicates_dropped: int = 0
+    errors_by_code: Counter[str] = field(default_factory=Counter)
+    """``errors_sent`` per error code (the ErrorCode's value)."""
 
-    def as_dict(self) -> dict[str, int]:
-        """The counters as a plain dict."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    def as_dict(self) -> dict[str, Any]:
+        """The counters as a plain dict (``errors_by_code`` copied)."""
+        return {f.name: copy.copy(getattr(self, f.name)) for f in fields(self)}
 
 
 class Hub:
@@ -203,9 +207,14 @@ class Hub:
 
     # -- requests ---------------------------------------------------------
 
-    def _reject(self, conn: Connection, err: ProtocolError) -> None:
+    def _send_error(self, conn: Connection, err: ProtocolError) -> None:
+        """Queue an error reply, counted in total and by code."""
         self.stats.errors_sent += 1
+        self.stats.errors_by_code[err.code.value] += 1
         conn.send(text_frame(encode_error(err, self._clock.now())))
+
+    def _reject(self, conn: Connection, err: ProtocolError) -> None:
+        self._send_error(conn, err)
         conn.invalid_streak += 1
         if conn.invalid_streak >= self.config.max_invalid_requests:
             self.stats.invalid_closes += 1
@@ -228,9 +237,8 @@ class Hub:
             action,
             getattr(req, "id", None),
         )
-        self.stats.errors_sent += 1
         self.stats.rate_limited += 1
-        conn.send(text_frame(encode_error(err, self._clock.now())))
+        self._send_error(conn, err)
         if verdict is Verdict.CLOSE:
             conn.fail(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
         return False
@@ -278,9 +286,8 @@ class Hub:
         try:
             identity = self.authenticator.refresh(req.token)
         except AuthError as exc:
-            self.stats.errors_sent += 1
             err = ProtocolError(ErrorCode.UNAUTHORIZED, exc.reason, "auth", req.id)
-            conn.send(text_frame(encode_error(err, self._clock.now())))
+            self._send_error(conn, err)
             conn.fail(CloseCode.POLICY_VIOLATION, "unauthorized")
             return
         conn.identity = identity

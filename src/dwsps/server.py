@@ -36,7 +36,9 @@ from dwsps.links.backplane import BackplaneLink, BackplaneOptions, create_backpl
 from dwsps.links.peering import PeerAuth, PeerLinks
 from dwsps.listener import Admitted, FrontDoor, ListenerSettings
 from dwsps.messages import Clock, Publish
+from dwsps.metrics import Metrics
 from dwsps.permissions import Permissions
+from dwsps.startup import check_startup
 from dwsps.topics import validate
 
 log = logging.getLogger("dwsps.server")
@@ -89,6 +91,7 @@ class Server:
         self.http.add("/health", self._health)
         self.http.add("/health/live", _live)
         self.http.add("/health/ready", self._ready)
+        self.http.add("/metrics", Metrics(self).response)
         api_key = self.config.api_key
         if self.config.api_key_file:
             api_key = _read(self.config.api_key_file, "api_key_file").rstrip("\r\n")
@@ -148,7 +151,13 @@ class Server:
     # -- lifecycle --------------------------------------------------------
 
     async def start(self) -> None:
-        """Bind and start serving; returns once the port is open."""
+        """Bind and start serving; returns once the port is open.
+
+        Raises :class:`~dwsps.errors.ConfigError` (one line naming the setting)
+        for an unusable configuration, and OSError when the port cannot be
+        bound; either way nothing is left running.
+        """
+        check_startup(self.config)
         loop = asyncio.get_running_loop()
         self._links = self._make_links()
         # Before the listener: subscriptions made while links start are seen by them.
@@ -166,11 +175,16 @@ class Server:
             self.config.host,
             self.config.port,
             ssl=self._tls_context(),
+            backlog=self.config.listen_backlog,
         )
-        if self.config.heartbeat_interval > 0:
-            self._heartbeat = loop.create_task(self._heartbeat_loop())
-        for link in self._links:
-            await link.start()
+        try:
+            if self.config.heartbeat_interval > 0:
+                self._heartbeat = loop.create_task(self._heartbeat_loop())
+            for link in self._links:
+                await link.start()
+        except BaseException:
+            await self.close()
+            raise
         log.info("dwsps server %s listening on %s", self.server_id, self.url)
 
     async def close(self) -> None:
