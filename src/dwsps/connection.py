@@ -339,7 +339,11 @@ class Connection(WSListener):
 
     def flush(self) -> None:
         """Write everything queued in one call; close the connection if it is too far behind."""
-        self.writer.release(self)
+        # Inlined check (this runs once per connection per loop turn): at the end
+        # of a turn the writer has closed the batch already.
+        batch = self.writer.planner.open_batch
+        if batch is not None and self in batch.members:
+            self.writer.release(self)
         pending = self.pending
         if pending is None:
             return

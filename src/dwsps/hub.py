@@ -50,7 +50,7 @@ from dwsps.messages import (
     encode_error,
     parse_request,
 )
-from dwsps.permissions import checker_for
+from dwsps.permissions import UNRESTRICTED, checker_for
 from dwsps.router import Admission, Router
 
 log = logging.getLogger("dwsps.server")
@@ -275,10 +275,12 @@ class Hub:
                 "publish",
                 req.id,
             )
-        try:
-            self.router.authorize_publish(conn.permissions, req.topic)
-        except PermissionDenied as exc:
-            raise ProtocolError(ErrorCode.FORBIDDEN, str(exc), "publish", req.id) from None
+        permissions = conn.permissions
+        if permissions is not UNRESTRICTED:  # the usual case pays one comparison
+            try:
+                self.router.authorize_publish(permissions, req.topic)
+            except PermissionDenied as exc:
+                raise ProtocolError(ErrorCode.FORBIDDEN, str(exc), "publish", req.id) from None
         self.route(req, conn.client_id)
         self._ack(conn, "publish", req.topic, req.id)
 
