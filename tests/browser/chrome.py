@@ -21,7 +21,9 @@ def missing() -> str | None:
     """Why the browser tests cannot run here, or None when they can."""
     for name, path in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)):
         if not Path(path).exists():
-            return f"{name} is not installed (make test installs it: scripts/install-system-deps.sh)"
+            return (
+                f"{name} is not installed (make test installs it: scripts/install-system-deps.sh)"
+            )
     try:
         import selenium  # noqa: F401
     except ImportError:

@@ -22,6 +22,7 @@ from tests.wsclient import http_get  # noqa: E402
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
+
 async def test_subscribe_publish_unsubscribe(
     page: Page, pages_url: str, serve_process: ProcessFactory
 ) -> None:
