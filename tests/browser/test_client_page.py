@@ -15,10 +15,10 @@ from tests.browser.chrome import missing
 if reason := missing():
     pytest.skip(reason, allow_module_level=True)
 
-from tests.browser.conftest import Page  # noqa: E402
-from tests.conftest import ClientFactory, PortFactory, ProcessFactory  # noqa: E402
-from tests.support import eventually  # noqa: E402
-from tests.wsclient import http_get  # noqa: E402
+from tests.browser.conftest import Page
+from tests.conftest import ClientFactory, PortFactory, ProcessFactory
+from tests.support import eventually
+from tests.wsclient import http_get
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -90,7 +90,8 @@ async def test_deliveries_keep_publish_order(
         const c = new dwsps.Client(server);
         const seen = [];
         await c.subscribe("order", (d) => seen.push(d.message));
-        const acks = await Promise.all(Array.from({ length: 500 }, (_, i) => c.publish("order", i)));
+        const publishes = Array.from({ length: 500 }, (_, i) => c.publish("order", i));
+        const acks = await Promise.all(publishes);
         while (seen.length < 500) await new Promise((r) => setTimeout(r, 10));
         const ids = acks.map((a) => a.id);
         return [seen.every((v, i) => v === i), ids.every((v, i) => i === 0 || v > ids[i - 1])];
@@ -137,7 +138,7 @@ async def test_two_tabs_talk_to_each_other(
     srv = await serve_process()
     driver = page.driver
     tabs = []
-    for name in ("alice", "bob"):
+    for _tab in ("alice", "bob"):
         if tabs:
             driver.switch_to.new_window("tab")
         tabs.append(driver.current_window_handle)

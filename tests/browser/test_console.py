@@ -13,12 +13,12 @@ from tests.browser.chrome import missing
 if reason := missing():
     pytest.skip(reason, allow_module_level=True)
 
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 
-from tests.browser.conftest import Page  # noqa: E402
-from tests.conftest import ClientFactory, ProcessFactory  # noqa: E402
-from tests.wsclient import http_get  # noqa: E402
+from tests.browser.conftest import Page
+from tests.conftest import ClientFactory, ProcessFactory
+from tests.wsclient import http_get
 
 
 def text(page: Page, css: str) -> str:
