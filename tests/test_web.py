@@ -86,3 +86,11 @@ async def test_browser_paths_still_upgrade_to_websockets(
         client = await open_client(server.url, path=path)
         ack = await client.publish("news", path)
         assert ack["action"] == "publish"
+
+
+def test_the_docker_build_has_the_client_behind_the_symlink() -> None:
+    # The image's wheel is built from `COPY src`: the symlink's target must be copied too.
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "COPY clients/js/dwsps.js ./clients/js/dwsps.js" in dockerfile
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert not any(p in ignored for p in ("clients", "clients/js", "*.js"))
