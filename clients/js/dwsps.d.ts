@@ -91,7 +91,7 @@ export interface ClientEvents {
 }
 
 export class Client {
-  /** Connects at once, and again after every drop until close(). */
+  /** Connects at once, and again after every drop until close(); TypeError unless ws:/wss:. */
   constructor(url: string, options?: ClientOptions);
   /** Whether the connection is open right now. */
   readonly connected: boolean;

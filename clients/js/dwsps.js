@@ -85,6 +85,10 @@ export class Client {
    *   reconnect (see dwsps.d.ts)
    */
   constructor(url, options = {}) {
+    const parsed = new URL(url); // a TypeError for a malformed URL, at once
+    if (parsed.protocol !== "ws:" && parsed.protocol !== "wss:") {
+      throw new TypeError(`a dwsps URL starts with ws:// or wss://, not ${parsed.protocol}//`);
+    }
     this.#url = url;
     this.#options = { ...DEFAULTS, ...options };
     this.#token = options.token;
@@ -184,7 +188,8 @@ export class Client {
     return new Promise((resolve, reject) => {
       const req = { id: this.#nextId++, fields, resolve, reject, timer: null };
       req.timer = setTimeout(() => this.#timedOut(req), this.#options.timeout);
-      if (this.#connected) this.#send(req);
+      // A socket that is closing (its close event not in yet) takes nothing: queue for the next.
+      if (this.#connected && this.#ws.readyState === 1) this.#send(req);
       else this.#queue.push(req);
     });
   }
@@ -233,7 +238,7 @@ export class Client {
     try {
       ws = new this.#WebSocket(withToken(this.#url, this.#token));
     } catch (err) {
-      // A malformed URL can never work: say so once and stop.
+      // The URL was checked in the constructor: whatever this is, retrying will not help.
       this.#finish(1002, String(err?.message ?? err));
       return;
     }

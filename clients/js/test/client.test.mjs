@@ -138,6 +138,11 @@ describe("against one server", () => {
   });
 });
 
+test("a URL that is not ws:// or wss:// is refused at once", () => {
+  assert.throws(() => new Client("http://127.0.0.1:8000"), TypeError);
+  assert.throws(() => new Client("not a url"), TypeError);
+});
+
 test("a request that gets no connection rejects with code timeout", async () => {
   // A TCP server that accepts and never answers: the upgrade never completes.
   const silent = createServer(() => {});
