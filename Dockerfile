@@ -7,6 +7,8 @@ FROM python:3.12-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
 COPY src ./src
+# src/dwsps/web/dwsps.js is a symlink to the npm package's source: the wheel takes the file.
+COPY clients/js/dwsps.js ./clients/js/dwsps.js
 RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[redis]'
 
 FROM python:3.12-slim

@@ -20,6 +20,7 @@ from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
+import orjson
 from picows import WSListener
 
 from dwsps.api import HttpApi
@@ -40,6 +41,7 @@ from dwsps.metrics import Metrics
 from dwsps.permissions import Permissions
 from dwsps.startup import check_startup
 from dwsps.topics import validate
+from dwsps.web import routes as web_routes
 
 log = logging.getLogger("dwsps.server")
 _WS_LOG = logging.LoggerAdapter(logging.getLogger("picows.dwsps.ws"), {})
@@ -92,6 +94,8 @@ class Server:
         self.http.add("/health/live", _live)
         self.http.add("/health/ready", self._ready)
         self.http.add("/metrics", Metrics(self).response)
+        for path, handler in web_routes().items():
+            self.http.add(path, handler)
         api_key = self.config.api_key
         if self.config.api_key_file:
             api_key = _read(self.config.api_key_file, "api_key_file").rstrip("\r\n")
@@ -361,7 +365,9 @@ class Server:
 
     def _health(self, request: HttpRequest) -> HttpResponse:
         healthy, body = self.hub.health()
-        return json_response(body, 200 if healthy else 503)
+        # Readable from any origin: a console served elsewhere (or another server's
+        # /console) shows it. It reveals nothing a plain HTTP client cannot already read.
+        return HttpResponse(200 if healthy else 503, orjson.dumps(body), headers=_HEALTH_HEADERS)
 
     def _ready(self, request: HttpRequest) -> HttpResponse:
         healthy, _ = self.hub.health()
@@ -372,6 +378,8 @@ class Server:
 def _live(request: HttpRequest) -> HttpResponse:
     return json_response({"status": "live"})
 
+
+_HEALTH_HEADERS = {"Access-Control-Allow-Origin": "*"}
 
 _PEER = Identity("peer", Permissions.EVERYTHING)
 """The identity of a connection that presented a peer token."""

@@ -1,0 +1,109 @@
+// TypeScript declarations for dwsps.js (the dwsps client for browsers and Node.js >= 20).
+
+/** A delivery: one published message, for one matching subscription (`context`). */
+export interface Delivery {
+  type: "publish";
+  timestamp: string;
+  /** Where the message was published. */
+  topic: string;
+  /** The subscription that matched. */
+  context: string;
+  message: unknown;
+  fromPeerServer?: boolean;
+  [field: string]: unknown;
+}
+
+/** The server's acknowledgement of a request. */
+export interface Ack {
+  type: "ack";
+  action: "subscribe" | "unsubscribe" | "publish" | "auth" | string;
+  timestamp: string;
+  topic?: string;
+  id?: number | string;
+  [field: string]: unknown;
+}
+
+/** The server's error reply. */
+export interface ErrorReply {
+  type: "error";
+  timestamp: string;
+  error: string;
+  detail?: string;
+  action?: string;
+  id?: number | string;
+  [field: string]: unknown;
+}
+
+/** A WebSocket constructor (the browser's, Node's global one, or e.g. the `ws` package's). */
+export type WebSocketConstructor = new (url: string) => {
+  readyState: number;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+  onopen: ((event: unknown) => void) | null;
+  onmessage: ((event: { data: unknown }) => void) | null;
+  onclose: ((event: { code: number; reason: string }) => void) | null;
+  onerror: ((event: unknown) => void) | null;
+};
+
+export interface ClientOptions {
+  /** A JWT, sent as `?token=` in the URL (browsers cannot set headers). */
+  token?: string;
+  /** The WebSocket constructor; default `globalThis.WebSocket`. */
+  WebSocket?: WebSocketConstructor;
+  /** How long a request waits for its reply, including time spent disconnected (ms, 10000). */
+  timeout?: number;
+  /** The first reconnect delay bound (ms, 100); doubles per attempt, full jitter. */
+  backoffInitial?: number;
+  /** The largest reconnect delay bound (ms, 10000). */
+  backoffMax?: number;
+  /** How many requests may wait for a connection (1024); more reject with `queue_full`. */
+  maxQueued?: number;
+  /** Reconnect after a drop (true). */
+  reconnect?: boolean;
+}
+
+/**
+ * A failed request. `code` is the server's error code (`invalid_topic`, `forbidden`,
+ * `rate_limited`, `unauthorized`, …) or the client's own: `timeout`, `connection_lost`
+ * (a publish in flight when the connection dropped), `queue_full`, `closed`.
+ */
+export class DwspsError extends Error {
+  constructor(code: string, message: string, reply?: ErrorReply);
+  readonly code: string;
+  readonly reply?: ErrorReply;
+}
+
+export interface ClientEvents {
+  /** Each time a connection opens (after resubscribing, on a reconnect). */
+  open: () => void;
+  /** Every delivery. */
+  message: (delivery: Delivery) => void;
+  /** Every ack. */
+  ack: (ack: Ack) => void;
+  /** Every error reply (and a resubscribe that failed without one). */
+  error: (error: DwspsError) => void;
+  /** Each time a connection drops (the client will reconnect unless it closes). */
+  disconnect: (code: number, reason: string) => void;
+  /** A reconnect is complete: every held subscription is subscribed again. */
+  reconnect: () => void;
+  /** Once, when the client is finished (close(), or a close code retrying cannot cure). */
+  close: (code: number, reason: string) => void;
+}
+
+export class Client {
+  /** Connects at once, and again after every drop until close(); TypeError unless ws:/wss:. */
+  constructor(url: string, options?: ClientOptions);
+  /** Whether the connection is open right now. */
+  readonly connected: boolean;
+  /** The topics this client holds. */
+  readonly subscriptions: string[];
+  on<E extends keyof ClientEvents>(event: E, listener: ClientEvents[E]): this;
+  off<E extends keyof ClientEvents>(event: E, listener: ClientEvents[E]): this;
+  /** `handler` gets each delivery whose context is this subscription. */
+  subscribe(topic: string, handler?: (delivery: Delivery) => void): Promise<Ack>;
+  unsubscribe(topic: string): Promise<Ack>;
+  publish(topic: string, message?: unknown): Promise<Ack>;
+  /** Sends an `auth` request with the new token; later reconnects use it too. */
+  refreshToken(token: string): Promise<Ack>;
+  close(code?: number, reason?: string): void;
+}

@@ -1,0 +1,151 @@
+"""The web console (GET /console) in headless Chromium, driven by clicks and typing against a
+real ``dwsps serve``: connect, subscribe, publish with JSON validation, deliveries in the log,
+filter, pause, the /health figures, and a burst of traffic capped in the log."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.browser.chrome import missing
+
+if reason := missing():
+    pytest.skip(reason, allow_module_level=True)
+
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+
+from tests.browser.conftest import Page
+from tests.conftest import ClientFactory, ProcessFactory
+from tests.wsclient import http_get
+
+
+def text(page: Page, css: str) -> str:
+    return str(page.driver.find_element(By.CSS_SELECTOR, css).text)
+
+
+def log_rows(page: Page, visible_only: bool = False) -> list[list[str]]:
+    """The log's rows as [time, topic, context, message] (newest first)."""
+    rows = page.driver.execute_script(
+        "return [...document.querySelectorAll('#log li')]"
+        "  .filter((li) => !arguments[0] || !li.hidden)"
+        "  .map((li) => [...li.children].map((c) => c.textContent));",
+        visible_only,
+    )
+    return list(rows)
+
+
+def open_console(page: Page, url: str) -> None:
+    http = url.replace("ws://", "http://")
+    page.driver.get(f"{http}/console")
+    page.wait(lambda d: "connected to" in text(page, "#status"), "the console to connect")
+
+
+async def test_console_subscribe_publish_and_watch(
+    page: Page, serve_process: ProcessFactory
+) -> None:
+    srv = await serve_process()
+    open_console(page, srv.url)
+    d = page.driver
+    assert d.find_element(By.ID, "url").get_attribute("value") == srv.url
+
+    topic = d.find_element(By.ID, "sub-topic")
+    topic.send_keys("news", Keys.ENTER)  # Enter submits
+    page.wait(
+        lambda _: d.find_elements(By.CSS_SELECTOR, "#subs li[data-state='held']"),
+        "the subscription to be acked",
+    )
+    assert text(page, "#subs .topic") == "news"
+    assert text(page, "#sub-result") == "subscribed to news"
+
+    d.find_element(By.ID, "pub-topic").send_keys("news.uk")
+    message = d.find_element(By.ID, "pub-message")
+    message.clear()
+    message.send_keys('{"headline": ')  # not JSON yet: publishing is refused
+    page.wait(lambda _: not d.find_element(By.ID, "publish").is_enabled(), "publish disabled")
+    assert text(page, "#json-error").startswith("not JSON")
+    assert message.get_attribute("aria-invalid") == "true"
+    message.send_keys('"hello", "n": [1, 2]}')
+    page.wait(lambda _: d.find_element(By.ID, "publish").is_enabled(), "publish enabled")
+    d.find_element(By.ID, "publish").click()
+    page.wait(lambda _: text(page, "#pub-result").startswith("ack: publish news.uk"), "the ack")
+
+    page.wait(lambda _: len(log_rows(page)) == 1, "the delivery in the log")
+    [[when, shown_topic, context, body]] = log_rows(page)
+    assert (shown_topic, context) == ("news.uk", "news")
+    assert body == '{\n  "headline": "hello",\n  "n": [\n    1,\n    2\n  ]\n}'
+    assert len(when) == len("12:34:56.789")
+    page.wait(lambda _: text(page, "#subs .count") == "1", "the subscription's count")
+
+    # /health: this console is the one connection, holding the one subscription.
+    page.wait(lambda _: text(page, "#health-connections") == "1", "/health connections")
+    assert text(page, "#health-subscriptions") == "1"
+    assert text(page, "#health-status") == "ok"
+    page.wait(lambda _: text(page, "#health-deliveries") == "1", "/health deliveries")
+    assert text(page, "#backplane").startswith("none")
+
+    # Ctrl+Enter in the editor publishes too; the filter hides what does not match.
+    message.clear()
+    message.send_keys('"second"', Keys.CONTROL, Keys.ENTER)
+    page.wait(lambda _: len(log_rows(page)) == 2, "the second delivery")
+    filt = d.find_element(By.ID, "filter")
+    filt.send_keys("headline")
+    page.wait(lambda _: len(log_rows(page, visible_only=True)) == 1, "the filter")
+    filt.send_keys(Keys.ESCAPE)
+    page.wait(lambda _: len(log_rows(page, visible_only=True)) == 2, "the filter cleared")
+
+    # Unsubscribing from the list.
+    d.find_element(By.CSS_SELECTOR, "#subs button").click()
+    page.wait(lambda _: text(page, "#sub-result") == "unsubscribed from news", "unsubscribe")
+    assert d.find_elements(By.CSS_SELECTOR, "#subs li") == []
+    page.wait(lambda _: text(page, "#health-subscriptions") == "0", "/health subscriptions")
+
+
+async def test_console_pause_and_a_burst_of_traffic(
+    page: Page, serve_process: ProcessFactory, open_client: ClientFactory
+) -> None:
+    srv = await serve_process()
+    open_console(page, srv.url)
+    d = page.driver
+    d.find_element(By.ID, "sub-topic").send_keys("*", Keys.ENTER)  # everything
+    page.wait(lambda _: d.find_elements(By.CSS_SELECTOR, "#subs li[data-state='held']"), "`*`")
+    publisher = await open_client(srv.url)
+
+    d.find_element(By.ID, "pause").click()
+    assert d.find_element(By.ID, "pause").get_attribute("aria-pressed") == "true"
+    await publisher.publish("while.paused", 1)
+    page.wait(lambda _: text(page, "#pause") == "Resume (1 new)", "the paused count")
+    assert log_rows(page) == []
+    d.find_element(By.ID, "pause").click()
+    page.wait(lambda _: len(log_rows(page)) == 1, "the held delivery after resuming")
+
+    # The server-wide rate is the difference of two /health polls: one before the burst.
+    page.wait(lambda _: text(page, "#health-deliveries") == "1", "/health before the burst")
+
+    # A burst: the log keeps the newest 500 rows, the counters see every delivery.
+    n = 3000
+    for i in range(n):
+        await publisher.send_request(_pub(i))
+    for _ in range(n):
+        await publisher.next_message(lambda m: m.get("action") == "publish")
+    page.wait(lambda _: text(page, "#log-count") == f"{n + 1:,} messages", "every delivery", 20)
+    rows = log_rows(page)
+    assert len(rows) == 500
+    assert rows[0][1] == f"burst.{n - 1}"  # newest first
+    assert text(page, "#subs .count") == f"{n + 1:,}"
+    # The chart saw the burst, here and on the server (the canvas describes its peaks).
+    page.wait(
+        lambda _: re.search(
+            r"peak [1-9]\d* received here, peak [1-9]\d* on the whole server",
+            d.find_element(By.ID, "chart").get_attribute("aria-label"),
+        ),
+        "the chart to show the burst",
+    )
+
+    status, _ = await http_get(srv.url, "/health")
+    assert status == 200
+
+
+def _pub(i: int) -> dict[str, object]:
+    return {"type": "publish", "topic": f"burst.{i}", "message": {"i": i}}
