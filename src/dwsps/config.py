@@ -237,6 +237,17 @@ class ServerConfig:
     api_key_file: str = setting(
         "", help="read the HTTP API key from FILE (a trailing newline is dropped)", metavar="FILE"
     )
+    status_key: str = setting(
+        "",
+        help="require Authorization: Bearer KEY (or the API key) for the details of"
+        " GET /health and /health/backplane and for /metrics; without it they answer"
+        " only the status, /metrics 401; /health/live and /health/ready stay open."
+        " Prefer --status-key-file or DWSPS_STATUS_KEY",
+        metavar="KEY",
+    )
+    status_key_file: str = setting(
+        "", help="read the status key from FILE (a trailing newline is dropped)", metavar="FILE"
+    )
     backplane: str = setting(
         "memory://", help="memory:// (this server) or redis://...", metavar="URL"
     )
