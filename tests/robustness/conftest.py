@@ -7,6 +7,7 @@ version (scale 1), ``make fuzz`` only them, at the long scale (``DWSPS_FUZZ_SCAL
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -54,8 +55,7 @@ async def target() -> AsyncIterator[Target]:
             canary.stop()
             report = os.environ.get("DWSPS_FUZZ_REPORT")
             if report:
-                Path(report).write_bytes(
-                    orjson.dumps(found.tally.summary(), option=orjson.OPT_INDENT_2)
-                )
+                data = orjson.dumps(found.tally.summary(), option=orjson.OPT_INDENT_2)
+                await asyncio.to_thread(Path(report).write_bytes, data)
     finally:
         await proc.stop()

@@ -76,6 +76,8 @@ async def attack(
     target.canary.begin()
     try:
         await run(result)
+    finally:
+        # Measured whether the attack's own checks held or not: the figures go in the tally.
         # A short attack still spans a few canary deliveries, the first ones after it too.
         window = target.canary.window
         with contextlib.suppress(AssertionError):
@@ -86,7 +88,6 @@ async def attack(
         with contextlib.suppress(AssertionError):
             await eventually(lambda: memory.rss() <= settled, "RSS back", scaled(15.0))
         result.rss_after = memory.rss()
-    finally:
         target.tally.add(result)
     assert target.alive(), target.proc.log()[-3000:]
     canary = result.canary
@@ -302,25 +303,33 @@ async def test_slowloris_and_half_open(target: Target) -> None:
 
 @pytest.mark.xfail(strict=False, reason="finding 7: hardening-io branch")
 async def test_publish_flood(target: Target) -> None:
-    """One client pipelines publishes as fast as it can; a reader takes them all."""
+    """One client pipelines publishes as fast as it reads its acks (10k ahead)."""
     total = scaled_count(4000)
+    ahead = 10_000
 
     async def run(result: AttackResult) -> None:
-        sub = await RawClient.connect(target.url)
         pub = await RawClient.connect(target.url)
-        result.connections += 2
+        result.connections += 1
+        acked = 0
         try:
-            await sub.subscribe("flood")
             frame = encode_frame(OP_TEXT, b'{"type":"publish","topic":"flood","message":1}')
-            for _ in range(0, total, 1000):
-                await pub.send_raw(frame * 1000)
-            result.frames += total
-            await sub.wait_for(lambda: len(sub.deliveries) >= total, within=scaled(60.0))
-            await pub.wait_for(lambda: len(pub.inbox) >= total, within=scaled(60.0))
-            result.replies.update(_reply_kind(m) for m in pub.inbox)
+            sent = 0
+            while sent < total:
+                n = min(1000, total - sent)
+                await pub.send_raw(frame * n)
+                sent += n
+                result.frames += n
+                await pub.wait_for(
+                    lambda s=sent, a=acked: a + len(pub.inbox) >= s - ahead, within=scaled(30.0)
+                )
+                taken = pub.take_all()
+                acked += len(taken)
+                result.replies.update(_reply_kind(m) for m in taken)
+            await pub.wait_for(lambda: acked + len(pub.inbox) >= total, within=scaled(30.0))
+            result.replies.update(_reply_kind(m) for m in pub.take_all())
         finally:
             await pub.close()
-            await sub.close()
+            result.closes["1000 (ours)"] += 1
 
     result = await attack(target, "publish flood", run)
     assert result.replies == {"ack": total}
@@ -364,7 +373,7 @@ def _overlapping(levels: int, count: int) -> list[str]:
 async def test_overlapping_subscriptions_amplification(target: Target) -> None:
     """One publish matching many subscriptions of a subscriber that does not read."""
     count = 100 if not LONG else 1000
-    size = 256 * 1024 if not LONG else MAX_FRAME - 1024
+    size = 256 * 1024  # x count: 25 MB queued at once in the short version, 256 MB long
 
     async def run(result: AttackResult) -> None:
         sub = await RawClient.connect(target.url)
@@ -381,12 +390,11 @@ async def test_overlapping_subscriptions_amplification(target: Target) -> None:
             sub.pause_reading()
             message = b"a" * size
             topic = ".".join(f"l{i}" for i in range(12)).encode()
-            for _ in range(SCALE):
-                await pub.send_text(
-                    b'{"type":"publish","topic":"%s","message":"%s"}' % (topic, message)
-                )
-                result.frames += 1
-                await pub.next_message(is_type("ack"), within=scaled(30.0))
+            await pub.send_text(
+                b'{"type":"publish","topic":"%s","message":"%s"}' % (topic, message)
+            )
+            result.frames += 1
+            await pub.next_message(is_type("ack"), within=scaled(30.0))
             result.closes[str(await _closed_code(sub))] += 1
         finally:
             await pub.close()
@@ -407,7 +415,7 @@ async def _closed_code(client: RawClient) -> int | str:
 @pytest.mark.xfail(strict=False, reason="finding 6: hardening-io branch")
 async def test_idle_connections_after_a_large_message(target: Target) -> None:
     """Connections that each sent one large message and then idle give the memory back."""
-    connections = scaled_count(6)
+    connections = 6 if not LONG else 100
     message = b"b" * (MAX_FRAME - 4096)
 
     async def run(result: AttackResult) -> None:
@@ -424,7 +432,9 @@ async def test_idle_connections_after_a_large_message(target: Target) -> None:
             # Still open: what they sent must not still be held.
             settled = _settled(result.rss_before)
             await eventually(
-                lambda: target.memory.rss() <= settled, "RSS back with idle clients", scaled(10)
+                lambda: target.memory.rss() <= settled,
+                "RSS back with idle clients",
+                scaled(10.0 if LONG else 3.0),
             )
         finally:
             await asyncio.gather(*(c.close() for c in clients))
@@ -435,7 +445,7 @@ async def test_idle_connections_after_a_large_message(target: Target) -> None:
 @pytest.mark.xfail(strict=False, reason="finding 6: hardening-io branch")
 async def test_unfinished_fragmented_messages(target: Target) -> None:
     """Connections that hold most of a fragmented message and never finish it."""
-    connections = scaled_count(6)
+    connections = 6 if not LONG else 100
 
     async def run(result: AttackResult) -> None:
         clients: list[RawClient] = []
