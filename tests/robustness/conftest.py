@@ -47,12 +47,12 @@ async def target() -> AsyncIterator[Target]:
     try:
         await proc.start()
         canary = Canary(proc.url)
-        canary.start()
-        found = Target(proc, canary, Memory(proc.pid))
         try:
+            await canary.start()
+            found = Target(proc, canary, Memory(proc.pid))
             yield found
         finally:
-            canary.stop()
+            await canary.stop()
             report = os.environ.get("DWSPS_FUZZ_REPORT")
             if report:
                 data = orjson.dumps(found.tally.summary(), option=orjson.OPT_INDENT_2)

