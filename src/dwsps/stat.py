@@ -26,6 +26,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
+from dwsps.redact import redact
+
 DEFAULT_URL: Final = "ws://127.0.0.1:8000"
 RATED: Final = ("publishes", "deliveries", "errors_sent", "connections_total")
 """Counters shown as per-second rates."""
@@ -263,11 +265,11 @@ def _once(args: argparse.Namespace, url: str, stream: TextIO) -> int:
         time.sleep(args.interval)
         sample = poll(url, args.timeout, args.key)
     except (OSError, ValueError) as exc:
-        return _fail(f"cannot read {url}: {exc}")
+        return _fail(f"cannot read {redact(url)}: {exc}")
     rate = rates(first, sample)
     now = datetime.now(UTC)
     if stream.isatty():
-        stream.write("\n".join(format_block(args.url, sample, rate, now)) + "\n")
+        stream.write("\n".join(format_block(redact(args.url), sample, rate, now)) + "\n")
     else:
         stream.write(format_line(sample, rate, now) + "\n")
     stream.flush()
@@ -286,12 +288,12 @@ def _watch(args: argparse.Namespace, url: str, stream: TextIO) -> None:
             sample = poll(url, args.timeout, args.key)
         except (OSError, ValueError) as exc:
             previous = None  # no rate across an outage: the server may have restarted
-            lines = [f"{now:%Y-%m-%dT%H:%M:%SZ} cannot read {url}: {exc}"]
+            lines = [f"{now:%Y-%m-%dT%H:%M:%SZ} cannot read {redact(url)}: {exc}"]
         else:
             rate = rates(previous, sample)
             previous = sample
             if tty:
-                lines = format_block(args.url, sample, rate, now)
+                lines = format_block(redact(args.url), sample, rate, now)
             else:
                 lines = [format_line(sample, rate, now)]
         if tty:
