@@ -463,7 +463,11 @@ def split_pair(text: str) -> tuple[str, str]:
     key, sep, value = text.rpartition("=")
     key, value = key.strip(), value.strip()
     if not sep or not key or not value:
-        raise ValueError(f"wants KEY=VALUE (split at the last '='), got {text!r}")
+        hint = ""
+        if text.rstrip().endswith("=") and "=" in key:
+            # e.g. base64 padding: the last '=' is the value's own.
+            hint = "; a VALUE that contains '=' must be given in the TOML file"
+        raise ValueError(f"wants KEY=VALUE (split at the last '='), got {text!r}{hint}")
     return key, value
 
 
