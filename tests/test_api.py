@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from dwsps import Server
+from dwsps.http import HttpRequest, KeyCheck
 from tests.conftest import ClientFactory, ServerFactory
 from tests.wsclient import http_request
 
@@ -136,3 +138,17 @@ async def test_any_other_path_still_upgrades(
     srv = await make_server(api_key=KEY)
     client = await open_client(srv.url + "/api/publish?x=1")
     await client.subscribe("t")
+
+
+def test_key_check_compares_every_key() -> None:
+    def request(auth: str | None) -> HttpRequest:
+        headers = CIMultiDict({"Authorization": auth} if auth is not None else {})
+        return HttpRequest("GET", "/metrics", headers=CIMultiDictProxy(headers))
+
+    keys = KeyCheck("a-key", "", "b-key")
+    assert keys
+    assert not KeyCheck("", "")
+    assert keys.allows(request("Bearer a-key"))
+    assert keys.allows(request("bearer b-key"))
+    for bad in (None, "", "Bearer", "Bearer c-key", "Basic a-key", "Bearer a-ke"):
+        assert not keys.allows(request(bad)), bad

@@ -274,6 +274,18 @@ async def test_stat_once_shows_a_sample(
     assert fields["publishes/s"] == fields["deliveries/s"] == "0.0"
 
 
+async def test_stat_with_a_status_key(make_server: ServerFactory) -> None:
+    srv = await make_server(status_key="st-key")
+    code, _, err = await run_cli("stat", srv.url, "--once", "--interval", "0.1")
+    assert code == 1
+    assert "shows only its status: give its status key with --key" in err
+    code, out, err = await run_cli(
+        "stat", srv.url, "--once", "--interval", "0.1", "--key", "st-key"
+    )
+    assert code == 0, err
+    assert _fields(out)["status"] == "ok"
+
+
 async def test_stat_continuous_lines_show_rates(make_server: ServerFactory) -> None:
     srv = await make_server()
     async with dwsps("stat", srv.url, "--interval", "0.3") as proc:

@@ -269,6 +269,14 @@ def test_peer_token_flag_rejects(bad: str, capsys: pytest.CaptureFixture[str]) -
     assert "argument --peer-token: wants KEY=VALUE" in capsys.readouterr().err
 
 
+def test_a_token_ending_in_equals_is_sent_to_the_toml_table(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        serve_flags("--peer-token", "ws://a:1/?x=1=dG9rZW4=")
+    assert "a VALUE that contains '=' must be given in the TOML file" in capsys.readouterr().err
+
+
 # -- every setting: a flag, a variable and a TOML key that agree ---------------
 
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from dwsps import messages
 from dwsps.errors import ErrorCode, ProtocolError
 from dwsps.messages import (
+    MAX_DEPTH,
     MAX_ID_LENGTH,
     Clock,
     DeliveryEncoder,
@@ -319,3 +320,41 @@ def test_delivery_from_peer_and_extra_fields() -> None:
     assert out["fromPeerServer"] is True
     assert out["via"] == "backplane"
     assert out["message"] is None
+
+
+def _nested(depth: int) -> Any:
+    value: Any = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def test_max_depth_is_what_the_encoder_can_write() -> None:
+    # A delivery holds the message one level down, as the request did.
+    orjson.dumps({"message": _nested(MAX_DEPTH - 1)})
+    with pytest.raises(TypeError):
+        orjson.dumps({"message": _nested(MAX_DEPTH)})
+
+
+@pytest.mark.parametrize("as_text", [False, True])
+def test_nesting_past_max_depth_is_invalid_message(as_text: bool) -> None:
+    def frame(depth: int) -> bytes | str:
+        raw = b'{"type":"publish","topic":"t","id":3,"message":' + b"[" * depth + b"]" * depth
+        return (raw + b"}").decode() if as_text else raw + b"}"
+
+    pub = parse_request(frame(MAX_DEPTH - 1))
+    assert isinstance(pub, Publish)
+    assert pub.message == _nested(MAX_DEPTH - 1)
+    with pytest.raises(ProtocolError) as err:
+        parse_request(frame(MAX_DEPTH))
+    assert (err.value.code, err.value.action, err.value.request_id) == (
+        ErrorCode.INVALID_MESSAGE,
+        "publish",
+        3,
+    )
+    with pytest.raises(ProtocolError) as err:
+        parse_request(frame(2000))  # past orjson's own parse limit: the same code
+    assert err.value.code is ErrorCode.INVALID_MESSAGE
+    # Brackets inside strings are not nesting.
+    wide = parse_request(orjson.dumps({"type": "publish", "topic": "t", "message": "[" * 999}))
+    assert isinstance(wide, Publish)

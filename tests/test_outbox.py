@@ -112,7 +112,9 @@ def test_backoff_rejects_nonsense_bounds() -> None:
         ("redis://:pw@h:1/0", "redis://:***@h:1/0"),
         ("rediss://user:pw@[::1]:6380/0?token=x", "rediss://user:***@[::1]:6380/0?token=***"),
         ("ws://user:pw@h/?api_key=k", "ws://user:***@h/?api_key=***"),
-        ("redis://user@h/0", "redis://user@h/0"),
+        # A user name alone is often a token (ws://TOKEN@host): masked too.
+        ("redis://user@h/0", "redis://***@h/0"),
+        ("ws://tok@h:1/x", "ws://***@h:1/x"),
     ],
 )
 def test_redact(url: str, expected: str) -> None:

@@ -19,13 +19,19 @@ topic rules and error codes.
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
 import orjson
 
 from dwsps.errors import ErrorCode, ProtocolError
-from dwsps.http import HttpRequest, HttpResponse, HttpRoutes, json_response
+from dwsps.http import (
+    HttpRequest,
+    HttpResponse,
+    HttpRoutes,
+    KeyCheck,
+    json_response,
+    unauthorized,
+)
 from dwsps.hub import Hub
 from dwsps.messages import Publish, request_from_object
 
@@ -38,7 +44,7 @@ class HttpApi:
 
     def __init__(self, hub: Hub, api_key: str) -> None:
         self._hub = hub
-        self._key = api_key.encode()
+        self._key = KeyCheck(api_key)
 
     def register(self, routes: HttpRoutes) -> None:
         """Add the API's paths to ``routes``."""
@@ -47,8 +53,7 @@ class HttpApi:
         routes.add("/api/connections", self._connections)
 
     def _authorized(self, request: HttpRequest) -> bool:
-        presented = request.bearer()
-        return presented is not None and secrets.compare_digest(presented.encode(), self._key)
+        return self._key.allows(request)
 
     def _publish(self, request: HttpRequest) -> HttpResponse:
         if not self._authorized(request):
@@ -107,11 +112,7 @@ class HttpApi:
 
 
 def _unauthorized() -> HttpResponse:
-    return HttpResponse(
-        401,
-        orjson.dumps({"error": "unauthorized", "detail": "a valid API key is required"}),
-        headers={"WWW-Authenticate": 'Bearer realm="dwsps"'},
-    )
+    return unauthorized("a valid API key")
 
 
 def _error(err: ProtocolError, index: int | None = None) -> HttpResponse:

@@ -277,14 +277,14 @@ def _report_connection(client: Client, command: str) -> Callable[[], None]:
     def lost(code: int, reason: str) -> None:
         if quiet:
             return
-        text = f"lost the connection to {client.url} ({f'{code} {reason}'.strip()})"
+        text = f"lost the connection to {client.display_url} ({f'{code} {reason}'.strip()})"
         if client.reconnect and code not in NO_RECONNECT_CODES:
             text += "; reconnecting"
         _say(command, text)
 
     def back() -> None:
         if not quiet:
-            _say(command, f"reconnected to {client.url}")
+            _say(command, f"reconnected to {client.display_url}")
 
     client.on("disconnect", lost)
     client.on("reconnect", back)

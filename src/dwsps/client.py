@@ -68,6 +68,7 @@ from dwsps.errors import (
 )
 from dwsps.events import Events
 from dwsps.messages import Clock, encode_request
+from dwsps.redact import redact
 from dwsps.topics import TopicLimits, validate
 
 log = logging.getLogger("dwsps.client")
@@ -162,6 +163,8 @@ class Client:
         if queue_size < 0:
             raise ValueError("queue_size must be >= 0")
         self.url = url
+        self.display_url = redact(url)
+        """``url`` as logs and errors show it: a ``?token=`` or password masked."""
         self.request_timeout = request_timeout
         self.reconnect = reconnect
         self.backoff_initial = backoff_initial
@@ -205,7 +208,7 @@ class Client:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "connected" if self.connected else "disconnected"
-        return f"<dwsps.Client {self.url} {state}>"
+        return f"<dwsps.Client {self.display_url} {state}>"
 
     # -- state ------------------------------------------------------------
 
@@ -460,11 +463,13 @@ class Client:
         try:
             return await ws_connect(self.url, **self._ws_options)
         except (OSError, TimeoutError, websockets.WebSocketException) as exc:
-            raise ConnectionClosed(f"could not connect to {self.url}: {exc}") from exc
+            raise ConnectionClosed(f"could not connect to {self.display_url}: {exc}") from exc
 
     def _attach(self, ws: ClientConnection) -> None:
         self._ws = ws
-        self._reader = asyncio.create_task(self._read_loop(ws), name=f"dwsps-client {self.url}")
+        self._reader = asyncio.create_task(
+            self._read_loop(ws), name=f"dwsps-client {self.display_url}"
+        )
         self.events.emit("open")
 
     async def _read_loop(self, ws: ClientConnection) -> None:
@@ -586,14 +591,16 @@ class Client:
                 pending.future.set_exception(
                     ConnectionClosed("the client is closed") if self._closing else _Lost()
                 )
-        log.info("connection to %s closed: %s %s", self.url, code, reason)
+        log.info("connection to %s closed: %s %s", self.display_url, code, reason)
         self.events.emit("disconnect", code, reason)
         if self._closing or self._closed:
             return
         if not self.reconnect:
             self._finish(code, reason)
         elif code in NO_RECONNECT_CODES:
-            log.warning("not reconnecting to %s after close code %s (%s)", self.url, code, reason)
+            log.warning(
+                "not reconnecting to %s after close code %s (%s)", self.display_url, code, reason
+            )
             self._finish(code, reason)
         elif self._reconnect_task is None or self._reconnect_task.done():
             self._reconnect_task = asyncio.create_task(self._reconnect_loop())
@@ -604,7 +611,9 @@ class Client:
             limit = self.max_reconnect_attempts
             failures = backoff.attempt
             if limit is not None and failures >= limit:
-                log.warning("giving up on %s after %d reconnect attempts", self.url, failures)
+                log.warning(
+                    "giving up on %s after %d reconnect attempts", self.display_url, failures
+                )
                 self._finish(1006, f"gave up after {failures} reconnect attempts")
                 return
             await asyncio.sleep(backoff.next_delay())
@@ -617,7 +626,7 @@ class Client:
             try:
                 await self._resubscribe(ws)
             except (_Lost, TimeoutError) as exc:
-                log.info("resubscribing on %s failed (%r); reconnecting", self.url, exc)
+                log.info("resubscribing on %s failed (%r); reconnecting", self.display_url, exc)
                 ws.transport.abort()
                 continue
             except ConnectionClosed:
@@ -625,7 +634,7 @@ class Client:
             if ws is not self._ws:  # dropped right after the last ack
                 continue
             self._ready.set()
-            log.info("reconnected to %s", self.url)
+            log.info("reconnected to %s", self.display_url)
             self.events.emit("reconnect")
             return
 

@@ -237,6 +237,17 @@ class ServerConfig:
     api_key_file: str = setting(
         "", help="read the HTTP API key from FILE (a trailing newline is dropped)", metavar="FILE"
     )
+    status_key: str = setting(
+        "",
+        help="require Authorization: Bearer KEY (or the API key) for the details of"
+        " GET /health and /health/backplane and for /metrics; without it they answer"
+        " only the status, /metrics 401; /health/live and /health/ready stay open."
+        " Prefer --status-key-file or DWSPS_STATUS_KEY",
+        metavar="KEY",
+    )
+    status_key_file: str = setting(
+        "", help="read the status key from FILE (a trailing newline is dropped)", metavar="FILE"
+    )
     backplane: str = setting(
         "memory://", help="memory:// (this server) or redis://...", metavar="URL"
     )
@@ -452,7 +463,11 @@ def split_pair(text: str) -> tuple[str, str]:
     key, sep, value = text.rpartition("=")
     key, value = key.strip(), value.strip()
     if not sep or not key or not value:
-        raise ValueError(f"wants KEY=VALUE (split at the last '='), got {text!r}")
+        hint = ""
+        if text.rstrip().endswith("=") and "=" in key:
+            # e.g. base64 padding: the last '=' is the value's own.
+            hint = "; a VALUE that contains '=' must be given in the TOML file"
+        raise ValueError(f"wants KEY=VALUE (split at the last '='), got {text!r}{hint}")
     return key, value
 
 

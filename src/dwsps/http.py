@@ -8,6 +8,7 @@ path). Parsing and the socket belong to :mod:`dwsps.listener`.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,37 @@ def text_response(status: int, text: str) -> HttpResponse:
 
 
 NOT_FOUND = text_response(404, "not found: dwsps speaks WebSocket here")
+
+
+def unauthorized(what: str = "a valid key") -> HttpResponse:
+    """401 for a request without an accepted ``Authorization: Bearer`` key."""
+    return HttpResponse(
+        401,
+        orjson.dumps({"error": "unauthorized", "detail": f"{what} is required"}),
+        headers={"WWW-Authenticate": 'Bearer realm="dwsps"'},
+    )
+
+
+class KeyCheck:
+    """Whether a request presents one of some keys as ``Authorization: Bearer`` (the one
+    place keys are compared: in constant time)."""
+
+    __slots__ = ("_keys",)
+
+    def __init__(self, *keys: str) -> None:
+        self._keys = tuple(key.encode() for key in keys if key)
+
+    def __bool__(self) -> bool:
+        return bool(self._keys)
+
+    def allows(self, request: HttpRequest) -> bool:
+        """Whether ``request`` carries one of the keys."""
+        presented = request.bearer()
+        if presented is None:
+            return False
+        given = presented.encode()
+        # Every key is compared, so the time says nothing about which one matched.
+        return sum(secrets.compare_digest(given, key) for key in self._keys) > 0
 
 
 class HttpRoutes:

@@ -275,6 +275,11 @@ class Hub:
                 "publish",
                 req.id,
             )
+        if req.origin is not None and not (req.from_peer or conn.is_peer):
+            # Identity is for copies between servers: from an ordinary client a
+            # forged one (a peer's id, a huge seq) would make us drop that
+            # peer's real publishes as duplicates. It gets our own instead.
+            req.origin = req.seq = None
         permissions = conn.permissions
         if permissions is not UNRESTRICTED:  # the usual case pays one comparison
             try:

@@ -24,6 +24,14 @@ from dwsps.topics import DEFAULT_LIMITS, TopicLimits, validate
 
 MAX_ID_LENGTH: Final = 64
 
+MAX_DEPTH: Final = 254
+"""Most nested arrays and objects in a publish request, the request object included.
+
+It is what the encoder can write: ``orjson.dumps`` raises past 254 levels. A
+delivery and a forwarded publish hold the message exactly as deep as the request
+did, so nothing accepted here can fail to encode later. (A reply that wraps
+deliveries deeper, such as a history reply, must lower this.)"""
+
 # ISO 8601 date-time as JavaScript's Date.toJSON() writes it, plus offsets and
 # any fraction length, which other publishers send.
 _TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:?\d{2})\Z")
@@ -86,14 +94,28 @@ def parse_request(data: bytes | str, limits: TopicLimits = DEFAULT_LIMITS) -> Re
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
+        if str(exc).startswith("depth limit exceeded"):  # orjson's own, at 1024
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, _TOO_DEEP) from None
         raise ProtocolError(ErrorCode.INVALID_JSON, f"not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "a request must be a JSON object")
-    return request_from_object(obj, limits)
+    # Only a frame with that many brackets can nest that deep: two counts in C
+    # spare the walk for every ordinary publish.
+    if isinstance(data, str):
+        opens = data.count("[") + data.count("{")
+    else:
+        opens = data.count(b"[") + data.count(b"{")
+    return request_from_object(obj, limits, check_depth=opens > MAX_DEPTH)
 
 
-def request_from_object(obj: dict[str, Any], limits: TopicLimits = DEFAULT_LIMITS) -> Request:
-    """Validate a decoded JSON object as a request."""
+def request_from_object(
+    obj: dict[str, Any], limits: TopicLimits = DEFAULT_LIMITS, *, check_depth: bool = True
+) -> Request:
+    """Validate a decoded JSON object as a request.
+
+    ``check_depth=False`` skips the nesting check (:data:`MAX_DEPTH`) for an
+    object known to be shallow.
+    """
     raw_id = obj.get("id")
     req_id: RequestId | None = None
     id_problem: str | None = None
@@ -134,6 +156,9 @@ def request_from_object(obj: dict[str, Any], limits: TopicLimits = DEFAULT_LIMIT
         return Subscribe(topic, req_id)
     if kind == "unsubscribe":
         return Unsubscribe(topic, req_id)
+    message = obj.get("message")
+    if check_depth and _deeper_than(message, MAX_DEPTH - 1):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, _TOO_DEEP, kind, req_id)
     timestamp = _valid_timestamp(obj.get("timestamp"))
     origin = obj.get("origin")
     seq = obj.get("seq")
@@ -147,13 +172,32 @@ def request_from_object(obj: dict[str, Any], limits: TopicLimits = DEFAULT_LIMIT
         origin, seq = None, None
     return Publish(
         topic,
-        obj.get("message"),
+        message,
         timestamp,
         req_id,
         obj.get("fromPeerServer") is True,
         origin,
         seq,
     )
+
+
+_TOO_DEEP: Final = f"nested deeper than {MAX_DEPTH} levels (arrays and objects)"
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests more than ``limit`` arrays/objects (without recursion)."""
+    if type(value) is not dict and type(value) is not list:
+        return False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if type(node) is dict else node
+        for child in children:
+            if type(child) is dict or type(child) is list:
+                stack.append((child, depth + 1))
+    return False
 
 
 def _valid_timestamp(ts: object) -> str | None:

@@ -18,14 +18,17 @@ SECRET_PARAMETERS: Final = frozenset(
 
 
 def redact(url: str) -> str:
-    """``url`` with its password and secret query parameters masked."""
+    """``url`` with its password (or a user name alone) and secret query parameters masked."""
     try:
         parts = urlsplit(url)
     except ValueError:  # unparseable: show nothing of it that could be secret
         return MASK if "@" in url or "?" in url else url
     userinfo, at, hostport = parts.netloc.rpartition("@")
-    if at and ":" in userinfo:
-        parts = parts._replace(netloc=f"{userinfo.partition(':')[0]}:{MASK}@{hostport}")
+    if at:
+        # user:password keeps the user; a user alone is often a token itself.
+        user, colon, _ = userinfo.partition(":")
+        shown = f"{user}:{MASK}" if colon else MASK
+        parts = parts._replace(netloc=f"{shown}@{hostport}")
     if parts.query:
         query = parse_qsl(parts.query, keep_blank_values=True)
         if any(key.lower() in SECRET_PARAMETERS for key, _ in query):

@@ -29,7 +29,16 @@ from dwsps.config import ServerConfig
 from dwsps.connection import Connection, Writer
 from dwsps.errors import AuthError, ConfigError
 from dwsps.events import Events
-from dwsps.http import Handler, HttpRequest, HttpResponse, HttpRoutes, json_response, text_response
+from dwsps.http import (
+    Handler,
+    HttpRequest,
+    HttpResponse,
+    HttpRoutes,
+    KeyCheck,
+    json_response,
+    text_response,
+    unauthorized,
+)
 from dwsps.hub import Hub, ServerStats
 from dwsps.limits import OriginPolicy
 from dwsps.links import Link
@@ -89,16 +98,17 @@ class Server:
         self.hub = Hub(
             self.config, self.server_id, self.events, _authenticator(self.config, authenticate)
         )
+        api_key = _key(self.config.api_key, self.config.api_key_file, "api_key_file")
+        status_key = _key(self.config.status_key, self.config.status_key_file, "status_key_file")
+        # With a status key, what the server is and counts is for the operator only.
+        self._status_keys = KeyCheck(status_key, api_key) if status_key else None
         self.http = HttpRoutes()
-        self.http.add("/health", self._health)
+        self.http.add("/health", self._status_route(self._health))
         self.http.add("/health/live", _live)
         self.http.add("/health/ready", self._ready)
-        self.http.add("/metrics", Metrics(self).response)
+        self.http.add("/metrics", self._status_route(Metrics(self).response, summary=False))
         for path, handler in web_routes().items():
             self.http.add(path, handler)
-        api_key = self.config.api_key
-        if self.config.api_key_file:
-            api_key = _read(self.config.api_key_file, "api_key_file").rstrip("\r\n")
         if api_key:
             HttpApi(self.hub, api_key).register(self.http)
         self._peer_auth = PeerAuth(self.config.accept_peer_tokens)
@@ -149,8 +159,30 @@ class Server:
             links.append(self._backplane)
         for link in links:
             for path, handler in link.http_routes().items():
-                self.http.add(path, handler)
+                self.http.add(path, self._status_route(handler))
         return links
+
+    def _status_route(self, handler: Handler, *, summary: bool = True) -> Handler:
+        """``handler`` behind the status key, if one is configured.
+
+        Without the key a request gets only ``{"status"}`` with the handler's
+        HTTP status (so probes keep working), or 401 when ``summary`` is False.
+        """
+        keys = self._status_keys
+        if keys is None:
+            return handler
+
+        def guarded(request: HttpRequest) -> HttpResponse:
+            if keys.allows(request):
+                return handler(request)
+            if not summary:
+                return unauthorized("the status key")
+            answer = handler(request)
+            return json_response(
+                {"status": "ok" if answer.status < 500 else "degraded"}, answer.status
+            )
+
+        return guarded
 
     # -- lifecycle --------------------------------------------------------
 
@@ -419,6 +451,11 @@ def _authenticator(config: ServerConfig, hook: Authenticate | None) -> Authentic
         ),
         hook=hook,
     )
+
+
+def _key(value: str, path: str, setting: str) -> str:
+    """A key given directly or, when ``path`` is set, read from that file."""
+    return _read(path, setting).rstrip("\r\n") if path else value
 
 
 def _read(path: str, setting: str) -> str:

@@ -26,6 +26,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
+from dwsps.redact import redact
+
 DEFAULT_URL: Final = "ws://127.0.0.1:8000"
 RATED: Final = ("publishes", "deliveries", "errors_sent", "connections_total")
 """Counters shown as per-second rates."""
@@ -156,10 +158,16 @@ def format_block(
     return lines
 
 
-def fetch(url: str, timeout: float) -> dict[str, Any]:
-    """The health document at ``url``: also on 503, which a degraded server answers."""
+def fetch(url: str, timeout: float, key: str = "") -> dict[str, Any]:
+    """The health document at ``url``: also on 503, which a degraded server answers.
+
+    ``key`` is sent as ``Authorization: Bearer`` (a server with a status key
+    shows its details only then)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as answer:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=timeout
+        ) as answer:
             body = answer.read(_MAX_BODY)
     except urllib.error.HTTPError as exc:
         if exc.code != 503:
@@ -173,12 +181,16 @@ def fetch(url: str, timeout: float) -> dict[str, Any]:
         raise ValueError("the answer is not JSON: is this a dwsps server?") from None
     if not isinstance(doc, dict):
         raise ValueError("the answer is not a JSON object: is this a dwsps server?")
+    if "stats" not in doc and "status" in doc:
+        raise ValueError(
+            "the server shows only its status: give its status key with --key or $DWSPS_STATUS_KEY"
+        )
     return doc
 
 
-def poll(url: str, timeout: float) -> Sample:
+def poll(url: str, timeout: float, key: str = "") -> Sample:
     """Fetch and parse one sample (OSError, ValueError)."""
-    doc = fetch(url, timeout)
+    doc = fetch(url, timeout, key)
     return parse_health(doc, time.monotonic())
 
 
@@ -205,6 +217,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--once",
         action="store_true",
         help="measure over one interval, print one sample and exit",
+    )
+    parser.add_argument(
+        "--key",
+        default=os.environ.get("DWSPS_STATUS_KEY", ""),
+        metavar="KEY",
+        help="the server's status key (or API key), if it has one (default: $DWSPS_STATUS_KEY)",
     )
     parser.add_argument(
         "--timeout",
@@ -243,15 +261,15 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 def _once(args: argparse.Namespace, url: str, stream: TextIO) -> int:
     try:
-        first = poll(url, args.timeout)
+        first = poll(url, args.timeout, args.key)
         time.sleep(args.interval)
-        sample = poll(url, args.timeout)
+        sample = poll(url, args.timeout, args.key)
     except (OSError, ValueError) as exc:
-        return _fail(f"cannot read {url}: {exc}")
+        return _fail(f"cannot read {redact(url)}: {exc}")
     rate = rates(first, sample)
     now = datetime.now(UTC)
     if stream.isatty():
-        stream.write("\n".join(format_block(args.url, sample, rate, now)) + "\n")
+        stream.write("\n".join(format_block(redact(args.url), sample, rate, now)) + "\n")
     else:
         stream.write(format_line(sample, rate, now) + "\n")
     stream.flush()
@@ -267,15 +285,15 @@ def _watch(args: argparse.Namespace, url: str, stream: TextIO) -> None:
         started = time.monotonic()
         now = datetime.now(UTC)
         try:
-            sample = poll(url, args.timeout)
+            sample = poll(url, args.timeout, args.key)
         except (OSError, ValueError) as exc:
             previous = None  # no rate across an outage: the server may have restarted
-            lines = [f"{now:%Y-%m-%dT%H:%M:%SZ} cannot read {url}: {exc}"]
+            lines = [f"{now:%Y-%m-%dT%H:%M:%SZ} cannot read {redact(url)}: {exc}"]
         else:
             rate = rates(previous, sample)
             previous = sample
             if tty:
-                lines = format_block(args.url, sample, rate, now)
+                lines = format_block(redact(args.url), sample, rate, now)
             else:
                 lines = [format_line(sample, rate, now)]
         if tty:
