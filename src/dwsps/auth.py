@@ -65,7 +65,9 @@ class Identity:
     """The token's ``sub`` claim; None for anonymous clients and tokens without one."""
     permissions: Permissions
     expires_at: float | None = None
-    """The token's ``exp`` (epoch seconds); None when it never expires."""
+    """When the identity stops being valid (epoch seconds): the token's ``exp`` plus
+    the verifier's leeway, so a token accepted within the leeway is not closed at
+    once. None when it never expires."""
     anonymous: bool = False
     """True when the client presented no token."""
 
@@ -172,6 +174,8 @@ class JwtVerifier:
         else:
             permissions = self.default_permissions
         user = claims.get("sub")  # PyJWT has checked it is a string when present
+        if expires_at is not None:
+            expires_at += self._leeway
         return Identity(user, permissions, expires_at, anonymous=False)
 
 
@@ -429,10 +433,12 @@ def mint_token(
     audience: str | None = None,
     issuer: str | None = None,
     now: float | None = None,
+    expires_at: float | None = None,
 ) -> str:
     """Sign a token: ``key`` is the shared secret for HS*, else a PEM private key.
 
     ``ttl`` (seconds) sets ``exp``; None mints a token that never expires.
+    ``expires_at`` (epoch seconds) sets ``exp`` directly instead (``ttl`` must be None).
     ``permissions`` becomes the ``dwsps`` claim; None leaves it out, so the
     server's default permissions apply.
     """
@@ -447,6 +453,8 @@ def mint_token(
             )
     if ttl is not None and not (math.isfinite(ttl) and ttl > 0):
         raise ValueError("ttl must be a positive number of seconds")
+    if expires_at is not None and (ttl is not None or not math.isfinite(expires_at)):
+        raise ValueError("give ttl or expires_at (a finite epoch time), not both")
     if now is None:
         now = time.time()
     claims: dict[str, Any] = {"iat": int(now)}
@@ -454,6 +462,8 @@ def mint_token(
         claims["sub"] = sub
     if ttl is not None:
         claims["exp"] = int(now + ttl)
+    elif expires_at is not None:
+        claims["exp"] = int(expires_at)
     if permissions is not None:
         claims["dwsps"] = permissions.to_claim()
     if audience is not None:

@@ -35,6 +35,14 @@ Reconnection
     raises :class:`ConnectionLost`. Close codes that reconnecting cannot cure
     (1008 policy / authentication, 1002, 1003, 1007: this client broke a rule)
     end the client for good instead of retrying against the same wall.
+
+Authentication
+    ``token=`` is presented as ``Authorization: Bearer <token>`` in every
+    upgrade request (a token in the URL's ``?token=`` works too; the header wins
+    when both are present). :meth:`Client.refresh_token` sends an ``auth``
+    request so an open connection outlives its token's ``exp``; the latest
+    token is the one every reconnection presents. A refused upgrade (HTTP 401,
+    403, 429, 503) is reported with the server's one-line reason.
 """
 
 from __future__ import annotations
@@ -49,10 +57,12 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, TypeVar, overload
 
+import jwt
 import orjson
 import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
+from websockets.datastructures import Headers
 
 from dwsps.backoff import Backoff
 from dwsps.errors import (
@@ -68,6 +78,7 @@ from dwsps.errors import (
 )
 from dwsps.events import Events
 from dwsps.messages import Clock, encode_request
+from dwsps.redact import redact as _redact
 from dwsps.topics import TopicLimits, validate
 
 log = logging.getLogger("dwsps.client")
@@ -136,6 +147,9 @@ class Client:
     :param max_size: largest incoming message in bytes (``None``: no limit).
     :param topic_limits: check topic length/levels client-side too (by
         default only the shape is checked; the server enforces its limits).
+    :param token: a JWT (or any bearer token the server's authentication
+        hook understands), sent as ``Authorization: Bearer`` on every
+        connection; replace it with :meth:`refresh_token`.
     :param websocket_options: passed on to :func:`websockets.asyncio.client.connect`
         (e.g. ``additional_headers``, ``ssl``, ``proxy``).
     """
@@ -155,13 +169,17 @@ class Client:
         ping_timeout: float | None = 20.0,
         max_size: int | None = 16 * _MIB,
         topic_limits: TopicLimits | None = None,
+        token: str | None = None,
         **websocket_options: Any,
     ) -> None:
         if request_timeout <= 0 or backoff_initial <= 0 or backoff_max < backoff_initial:
             raise ValueError("timeouts and backoff bounds must be positive, initial <= max")
         if queue_size < 0:
             raise ValueError("queue_size must be >= 0")
+        _check_token(token)
         self.url = url
+        # What logs and errors show: a ?token= in the URL is masked.
+        self._shown_url = _redact(url)
         self.request_timeout = request_timeout
         self.reconnect = reconnect
         self.backoff_initial = backoff_initial
@@ -183,6 +201,7 @@ class Client:
             "compression": None,
             **websocket_options,
         }
+        self._token = token or None
         self._limits = topic_limits or _NO_LIMITS
         self._clock = Clock()
         self._subscriptions: dict[str, Handler | None] = {}
@@ -205,7 +224,7 @@ class Client:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "connected" if self.connected else "disconnected"
-        return f"<dwsps.Client {self.url} {state}>"
+        return f"<dwsps.Client {self._shown_url} {state}>"
 
     # -- state ------------------------------------------------------------
 
@@ -218,6 +237,22 @@ class Client:
     def closed(self) -> bool:
         """Whether the client is closed for good (by :meth:`close` or a final drop)."""
         return self._closed
+
+    @property
+    def token(self) -> str | None:
+        """The token this client presents (the latest one given to :meth:`refresh_token`)."""
+        return self._token
+
+    @property
+    def user(self) -> str | None:
+        """Who the token says this client is: its ``sub`` claim, or None.
+
+        Read from the token itself (the server does not send it back): a
+        server with JWT authentication that accepted the token gives the
+        connection exactly this identity. None without a token, for a token
+        that is not a JWT, or one without ``sub``.
+        """
+        return _subject(self._token)
 
     @property
     def subscriptions(self) -> tuple[str, ...]:
@@ -347,6 +382,23 @@ class Client:
         self._check_topic(topic, "publish")
         return await self._request("publish", topic, message, None)
 
+    async def refresh_token(self, token: str) -> Message:
+        """Present a fresh ``token`` on the open connection (an ``auth`` request); return the ack.
+
+        The server replaces the connection's identity and permissions (and
+        releases subscriptions the new permissions do not cover). From now on
+        ``token`` is also what reconnections present, even if this request
+        fails. A token the server refuses raises
+        :class:`~dwsps.errors.UnauthorizedError`, and the server closes the
+        connection (1008): the client is then closed for good.
+        """
+        _check_token(token)
+        if not token:
+            raise ValueError("token must not be empty")
+        # Before sending: a reconnection meanwhile must not present the old token.
+        self._token = token
+        return await self._request("auth", "", None, None, {"token": token})
+
     def _check_topic(self, topic: str, action: str) -> None:
         try:
             validate(topic, subscription=action != "publish", limits=self._limits)
@@ -362,7 +414,12 @@ class Client:
             raise InvalidTopicError(ErrorCode.INVALID_TOPIC, str(exc), reply) from None
 
     async def _request(
-        self, action: str, topic: str, message: Any, on_ack: Callable[[], None] | None
+        self,
+        action: str,
+        topic: str,
+        message: Any,
+        on_ack: Callable[[], None] | None,
+        fields: Message | None = None,
     ) -> Message:
         if not self._started:
             raise RuntimeError("call connect() (or use 'async with') before making requests")
@@ -371,7 +428,7 @@ class Client:
                 while True:
                     ws = await self._wait_ready()
                     try:
-                        return await self._attempt(ws, action, topic, message, on_ack)
+                        return await self._attempt(ws, action, topic, message, on_ack, fields)
                     except _Lost as lost:
                         if action == "publish" and lost.args and lost.args[0] == "sent":
                             raise ConnectionLost(
@@ -380,9 +437,8 @@ class Client:
                             ) from None
                         # Not sent, or idempotent: try again on the next connection.
         except TimeoutError:
-            raise AckTimeout(
-                f"no reply to {action} {topic!r} within {self.request_timeout} s"
-            ) from None
+            what = f"{action} {topic!r}" if topic else action
+            raise AckTimeout(f"no reply to {what} within {self.request_timeout} s") from None
 
     async def _wait_ready(self) -> ClientConnection:
         while True:
@@ -400,15 +456,20 @@ class Client:
         topic: str,
         message: Any,
         on_ack: Callable[[], None] | None,
+        fields: Message | None = None,
     ) -> Message:
         """Send one request on ``ws`` and await its reply; raise _Lost if ``ws`` goes."""
         if ws is not self._ws:
             raise _Lost("unsent")
         self._next_id += 1
         req_id = self._next_id
-        request: Message = {"type": action, "topic": topic, "id": req_id}
+        request: Message = {"type": action, "id": req_id}
+        if topic:
+            request["topic"] = topic
         if action == "publish":
             request["message"] = message
+        if fields:
+            request.update(fields)
         request["timestamp"] = self._clock.now()
         data = encode_request(request)  # TypeError here if message is not JSON-able
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
@@ -457,14 +518,27 @@ class Client:
     # -- connection management --------------------------------------------
 
     async def _open(self) -> ClientConnection:
+        options = self._ws_options
+        if self._token is not None:
+            # Built per attempt: a reconnection presents the latest token.
+            given = Headers(options.get("additional_headers") or {}).raw_items()
+            headers = [(k, v) for k, v in given if k.lower() != "authorization"]
+            headers.append(("Authorization", f"Bearer {self._token}"))
+            options = {**options, "additional_headers": headers}
         try:
-            return await ws_connect(self.url, **self._ws_options)
+            return await ws_connect(self.url, **options)
+        except websockets.InvalidStatus as exc:
+            raise ConnectionClosed(
+                f"could not connect to {self._shown_url}: {_refusal(exc)}"
+            ) from exc
         except (OSError, TimeoutError, websockets.WebSocketException) as exc:
-            raise ConnectionClosed(f"could not connect to {self.url}: {exc}") from exc
+            raise ConnectionClosed(f"could not connect to {self._shown_url}: {exc}") from exc
 
     def _attach(self, ws: ClientConnection) -> None:
         self._ws = ws
-        self._reader = asyncio.create_task(self._read_loop(ws), name=f"dwsps-client {self.url}")
+        self._reader = asyncio.create_task(
+            self._read_loop(ws), name=f"dwsps-client {self._shown_url}"
+        )
         self.events.emit("open")
 
     async def _read_loop(self, ws: ClientConnection) -> None:
@@ -586,14 +660,16 @@ class Client:
                 pending.future.set_exception(
                     ConnectionClosed("the client is closed") if self._closing else _Lost()
                 )
-        log.info("connection to %s closed: %s %s", self.url, code, reason)
+        log.info("connection to %s closed: %s %s", self._shown_url, code, reason)
         self.events.emit("disconnect", code, reason)
         if self._closing or self._closed:
             return
         if not self.reconnect:
             self._finish(code, reason)
         elif code in NO_RECONNECT_CODES:
-            log.warning("not reconnecting to %s after close code %s (%s)", self.url, code, reason)
+            log.warning(
+                "not reconnecting to %s after close code %s (%s)", self._shown_url, code, reason
+            )
             self._finish(code, reason)
         elif self._reconnect_task is None or self._reconnect_task.done():
             self._reconnect_task = asyncio.create_task(self._reconnect_loop())
@@ -604,7 +680,9 @@ class Client:
             limit = self.max_reconnect_attempts
             failures = backoff.attempt
             if limit is not None and failures >= limit:
-                log.warning("giving up on %s after %d reconnect attempts", self.url, failures)
+                log.warning(
+                    "giving up on %s after %d reconnect attempts", self._shown_url, failures
+                )
                 self._finish(1006, f"gave up after {failures} reconnect attempts")
                 return
             await asyncio.sleep(backoff.next_delay())
@@ -617,7 +695,7 @@ class Client:
             try:
                 await self._resubscribe(ws)
             except (_Lost, TimeoutError) as exc:
-                log.info("resubscribing on %s failed (%r); reconnecting", self.url, exc)
+                log.info("resubscribing on %s failed (%r); reconnecting", self._shown_url, exc)
                 ws.transport.abort()
                 continue
             except ConnectionClosed:
@@ -625,7 +703,7 @@ class Client:
             if ws is not self._ws:  # dropped right after the last ack
                 continue
             self._ready.set()
-            log.info("reconnected to %s", self.url)
+            log.info("reconnected to %s", self._shown_url)
             self.events.emit("reconnect")
             return
 
@@ -665,6 +743,32 @@ class Client:
         self._queue_event.set()
         self._closed_event.set()
         self.events.emit("close", code, reason)
+
+
+def _check_token(token: object) -> None:
+    if token is not None and not isinstance(token, str):
+        raise TypeError("token must be a str")
+    if isinstance(token, str) and (not token.isascii() or any(c in token for c in "\r\n")):
+        raise ValueError("token must be ASCII without line breaks")
+
+
+def _subject(token: str | None) -> str | None:
+    if not token:
+        return None
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    sub = claims.get("sub")
+    return sub if isinstance(sub, str) else None
+
+
+def _refusal(exc: websockets.InvalidStatus) -> str:
+    """``HTTP 401: token expired``: the status and the server's one-line reason."""
+    response = exc.response
+    reason = (response.body or b"").decode("utf-8", "replace").strip().splitlines()
+    text = f"HTTP {response.status_code}"
+    return f"{text}: {reason[0][:200]}" if reason else text
 
 
 class Connect:

@@ -101,6 +101,8 @@ class Hub:
         self.stats = ServerStats()
         self._clock = Clock()
         self.connections: dict[str, Connection] = {}
+        # A connection being closed, while its disconnect event runs (see user()).
+        self._departing: Connection | None = None
         self.router: Router[Connection] = Router(
             server_id,
             max_subscriptions=config.max_subscriptions,
@@ -139,6 +141,19 @@ class Hub:
             self, self._writer, self._limits, client_id, is_peer, identity, remote, limiter
         )
 
+    def user(self, client_id: str) -> str | None:
+        """Who the connection ``client_id`` authenticated as (its token's ``sub``), or None.
+
+        Answers in every event handler, ``disconnect`` included.
+        """
+        conn = self.connections.get(client_id)
+        if conn is None:
+            departing = self._departing
+            if departing is None or departing.client_id != client_id:
+                return None
+            conn = departing
+        return conn.user
+
     def abandon(self, conn: Connection) -> None:
         """An admitted upgrade that never opened: release what admission counted."""
         self.admission.release(conn.remote)
@@ -163,7 +178,11 @@ class Hub:
             conn.expiry = None
         self.router.drop(conn)
         if self.events.has("disconnect"):
-            self.events.emit("disconnect", conn.client_id)
+            self._departing = conn
+            try:
+                self.events.emit("disconnect", conn.client_id)
+            finally:
+                self._departing = None
 
     def text_received(self, conn: Connection, data: bytes) -> None:
         """Parse and carry out one request."""
@@ -295,7 +314,10 @@ class Hub:
         conn.identity = identity
         conn.permissions = checker_for(identity.permissions)
         # New permissions apply to what is held, not only to what comes next.
-        self.router.revoke(conn, conn.permissions)
+        revoked = self.router.revoke(conn, conn.permissions)
+        if revoked and self.events.has("unsubscribe"):
+            for topic in revoked:
+                self.events.emit("unsubscribe", topic, conn.client_id)
         if conn.expiry is not None:
             conn.expiry.cancel()
             conn.expiry = None
