@@ -87,12 +87,14 @@ class JwtVerifier:
     """
 
     __slots__ = (
+        "_algorithms",
         "_audience",
         "_issuer",
         "_jwt",
         "_keys",
         "_leeway",
         "_limits",
+        "_single_key",
         "default_permissions",
     )
 
@@ -123,6 +125,11 @@ class JwtVerifier:
         if algorithms is not None:
             keys = _restrict(keys, tuple(algorithms), secret)
         self._keys = keys
+        self._algorithms = list(keys)
+        # One key for every algorithm (the usual case: a secret, or one public key):
+        # PyJWT checks alg against the list itself, and the token is parsed once.
+        distinct = {id(key) for key in keys.values()}
+        self._single_key: Any = next(iter(keys.values())) if len(distinct) == 1 else None
         self._audience = audience
         self._issuer = issuer
         self._leeway = float(leeway)
@@ -144,17 +151,22 @@ class JwtVerifier:
             raise AuthError("token too long")
         if not token.isascii():
             raise AuthError("malformed token")
-        try:
-            header = _JWS.get_unverified_header(token)
-        except jwt.PyJWTError as exc:
-            raise AuthError(_reason(exc)) from None
-        alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in self._keys:
-            raise AuthError("algorithm not allowed")
-        key = self._keys[alg]
+        key = self._single_key
+        algorithms = self._algorithms
+        if key is None:
+            # A secret and a public key: the token's alg picks the key of its family.
+            try:
+                header = _JWS.get_unverified_header(token)
+            except jwt.PyJWTError as exc:
+                raise AuthError(_reason(exc)) from None
+            alg = header.get("alg")
+            if not isinstance(alg, str) or alg not in self._keys:
+                raise AuthError("algorithm not allowed")
+            key = self._keys[alg]
+            algorithms = [alg]
         try:
             claims = self._jwt.decode(
-                token, key, algorithms=[alg], audience=self._audience, issuer=self._issuer
+                token, key, algorithms=algorithms, audience=self._audience, issuer=self._issuer
             )
         except jwt.PyJWTError as exc:
             raise AuthError(_reason(exc)) from None
