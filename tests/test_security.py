@@ -38,10 +38,11 @@ from dwsps import Client, Server
 from dwsps.auth import Identity, UpgradeRequest, mint_token
 from dwsps.errors import AuthError, ConnectionClosed, ForbiddenError, UnauthorizedError
 from dwsps.permissions import Permissions
-from tests.conftest import ClientFactory, ServerFactory
+from tests.conftest import ClientFactory, ProcessFactory, ServerFactory
 from tests.support import eventually, scaled
 from tests.wsclient import (
     DEFAULT_TIMEOUT,
+    SYNC_TOPIC,
     HandshakeError,
     RawClient,
     http_get,
@@ -752,16 +753,21 @@ async def test_peers_present_tokens_to_a_server_that_requires_them(
 # -- expiry and refresh ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("heartbeat", [0, 0.25], ids=["timer-at-once", "armed-by-heartbeat"])
 async def test_expiry_closes_at_exp_and_a_refresh_extends_the_life(
-    make_server: ServerFactory, open_client: ClientFactory
+    make_server: ServerFactory, open_client: ClientFactory, heartbeat: float
 ) -> None:
-    srv = await jwt_server(make_server)
+    srv = await jwt_server(make_server, heartbeat_interval=heartbeat)
     unsubscribed: list[str] = []
     srv.on("unsubscribe", lambda topic, _cid: unsubscribed.append(topic))
     exp = int(time.time()) + 2  # one to two seconds away
     short = mint(sub="short", ttl=None, expires_at=exp, subscribe=("a",), publish=("a",))
     expiring = await connect(open_client, srv.url, short)
     renewed = await connect(open_client, srv.url, short)
+    await expiring.sync()
+    if heartbeat and exp - time.time() > 2 * heartbeat:
+        # Not due within two heartbeats: no timer yet (they cost memory per connection).
+        assert all(c.expiry is None for c in srv.connections.values())
     await renewed.subscribe("a", "a.b")
     everyone = await connect(open_client, srv.url, mint(sub="writer"))
 
@@ -769,7 +775,7 @@ async def test_expiry_closes_at_exp_and_a_refresh_extends_the_life(
     ack = await renewed.request({"type": "auth", "token": fresh, "id": "re"})
     assert ack == {"type": "ack", "action": "auth", "timestamp": ack["timestamp"], "id": "re"}
     # The new permissions apply at once, to what is held too.
-    assert sorted(unsubscribed) == ["a", "a.b"]
+    assert sorted(t for t in unsubscribed if t != SYNC_TOPIC) == ["a", "a.b"]
     await expect_forbidden(renewed, "subscribe", "a")
     await expect_ack(renewed, "subscribe", "b")
     await everyone.publish("a", "to a")
@@ -1053,3 +1059,42 @@ async def test_the_authenticate_hook_accepts_rejects_raises_and_may_be_slow(
     )
     assert {c.user for c in srv.connections.values()} == {"carol", "quick", "slow"}
     assert srv.hub.admission.total == 3  # nothing leaked from the refusals
+
+
+# -- the same settings on a real dwsps serve ---------------------------------------
+
+
+async def test_dwsps_serve_takes_every_security_flag(
+    serve_process: ProcessFactory, open_client: ClientFactory, tmp_path: Any
+) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = tmp_path / "public.pem"
+    pem.write_bytes(public_pem(key))
+    by_secret, by_key = await asyncio.gather(
+        serve_process(
+            *("--auth-jwt-secret", SECRET, "--auth-jwt-audience", AUDIENCE),
+            *("--auth-jwt-issuer", ISSUER, "--auth-jwt-leeway", "5s"),
+            *("--allow-anonymous", "--anonymous-subscribe", "public"),
+            *("--allowed-origin", "https://app.example", "--rate-limit", "50"),
+            *("--rate-burst", "20", "--max-connections", "3", "--max-connections-per-ip", "2"),
+        ),
+        serve_process("--auth-jwt-public-key", str(pem), "--heartbeat-interval", "0"),
+    )
+    url = by_secret.url
+    member = await connect(open_client, url, mint(audience=AUDIENCE, issuer=ISSUER), "query")
+    await member.subscribe("news")
+    assert_refused(await refusal(url, token=mint(issuer=ISSUER)), 401, "invalid audience")
+    anonymous = await open_client(url)
+    await expect_ack(anonymous, "subscribe", "public")
+    await expect_forbidden(anonymous, "subscribe", "news")
+    assert_refused(
+        await refusal(url, headers={"Origin": "https://evil.example"}), 403, "origin not allowed"
+    )
+    assert_refused(await refusal(url), 429, "too many connections from your address")
+    await connect(open_client, url, None, source="127.0.0.2")
+    assert_refused(await refusal(url, source="127.0.0.3"), 503, "server at its connection limit")
+
+    token = mint_token(private_pem(key), sub="ec", ttl=60, algorithm="ES256")
+    ec_client = await connect(open_client, by_key.url, token)
+    await ec_client.subscribe("news")
+    assert_refused(await refusal(by_key.url, token=mint()), 401, "algorithm not allowed")
