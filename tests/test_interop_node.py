@@ -2,7 +2,8 @@
 
 ``tests/interop/client_interop.mjs`` behaves like the original dwsps client
 (requests without ids, always a timestamp) and checks acks and deliveries
-itself; this test runs it and checks what the server saw. ``make test``
+itself; this test runs it and checks what the server saw, also against a
+server that requires a token (given as ``?token=`` in the script's URL). ``make test``
 installs Node.js and the npm packages (``npm ci`` in tests/interop).
 """
 
@@ -15,6 +16,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from dwsps.auth import mint_token
+from dwsps.permissions import Permissions
 from tests.conftest import ServerFactory
 from tests.support import scaled
 
@@ -80,3 +83,26 @@ async def test_interop_script_reports_failure(make_server: ServerFactory) -> Non
     code, result, _ = await run_node("client_interop.mjs", url)
     assert code != 0
     assert result["ok"] is False
+
+
+async def test_node_ws_client_with_a_token_in_its_url(make_server: ServerFactory) -> None:
+    # An original client cannot set headers, but passes its URL through: ?token= works.
+    secret = "interop-secret-0123456789abcdef-0123456789"
+    srv = await make_server(auth_jwt_secret=secret)
+    users: list[str | None] = []
+    srv.on("connect", lambda cid: users.append(srv.user(cid)))
+    token = mint_token(
+        secret, sub="node", ttl=300, permissions=Permissions(("interop",), ("interop",))
+    )
+
+    code, result, stderr = await run_node("client_interop.mjs", f"{srv.url}/?token={token}")
+
+    assert result["ok"] is True, f"{result}\n{stderr}"
+    assert code == 0, stderr
+    assert users == ["node", "node"]
+    assert srv.stats.errors_sent == 1  # the deliberate bad topic: no forbidden, no 401
+    # Without the token the same script is refused at the upgrade (401) and says so.
+    code, result, _ = await run_node("client_interop.mjs", srv.url)
+    assert code != 0
+    assert result["ok"] is False
+    assert "401" in str(result["error"])

@@ -133,10 +133,37 @@ class WSClosed(ConnectionError):
 class HandshakeError(ConnectionError):
     """The server did not answer the upgrade with 101."""
 
-    def __init__(self, status: int, head: bytes) -> None:
-        super().__init__(f"upgrade refused with {status}: {head[:200]!r}")
+    def __init__(self, status: int, head: bytes, body: bytes = b"") -> None:
+        super().__init__(f"upgrade refused with {status}: {head[:200]!r} {body[:200]!r}")
         self.status = status
         self.head = head
+        self.body = body
+        """The refusal's body (up to its Content-Length, at most 64 KiB)."""
+
+    @property
+    def reason(self) -> str:
+        """The body as text without its line end: the server's one-line reason."""
+        return self.body.decode(errors="replace").rstrip("\r\n")
+
+    def header(self, name: str) -> str | None:
+        """One header of the refusal (case-insensitive), or None."""
+        for line in self.head.split(b"\r\n")[1:]:
+            key, _, value = line.partition(b":")
+            if key.strip().lower() == name.lower().encode():
+                return value.strip().decode(errors="replace")
+        return None
+
+
+async def _refusal_body(reader: asyncio.StreamReader, head: bytes) -> bytes:
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == b"content-length" and value.strip().isdigit():
+            length = min(int(value.strip()), 64 * 1024)
+    try:
+        return await reader.readexactly(length) if length else b""
+    except asyncio.IncompleteReadError as exc:
+        return exc.partial
 
 
 def _host_port(url: str) -> tuple[str, int]:
@@ -147,10 +174,14 @@ def _host_port(url: str) -> tuple[str, int]:
 
 
 async def open_socket(
-    url: str, *, rcvbuf: int | None = None
+    url: str, *, rcvbuf: int | None = None, source: str | None = None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A plain TCP stream to the host and port of ``url`` (``rcvbuf`` shrinks the kernel buffer)."""
+    """A plain TCP stream to the host and port of ``url`` (``rcvbuf`` shrinks the kernel buffer;
+    ``source`` is the local address to connect from, e.g. ``127.0.0.2``)."""
     host, port = _host_port(url)
+    if source is not None:
+        assert rcvbuf is None, "source and rcvbuf together are not needed yet"
+        return await asyncio.open_connection(host, port, local_addr=(source, 0))
     if rcvbuf is None:
         return await asyncio.open_connection(host, port)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -277,9 +308,13 @@ class RawClient:
         echo_close: bool = True,
         rcvbuf: int | None = None,
         lowercase_headers: bool = False,
+        source: str | None = None,
     ) -> RawClient:
-        """Open a TCP connection to ``url`` and do the opening handshake."""
-        reader, writer = await open_socket(url, rcvbuf=rcvbuf)
+        """Open a TCP connection to ``url`` and do the opening handshake.
+
+        A refusal raises :class:`HandshakeError` with the status and the body.
+        """
+        reader, writer = await open_socket(url, rcvbuf=rcvbuf, source=source)
         try:
             key = await asyncio.wait_for(
                 cls._handshake(reader, writer, url, path, headers, lowercase_headers),
@@ -321,7 +356,7 @@ class RawClient:
         head = await reader.readuntil(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1])
         if status != 101:
-            raise HandshakeError(status, head)
+            raise HandshakeError(status, head, await _refusal_body(reader, head))
         accept = base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest())
         received = {
             name.strip().lower(): value.strip()

@@ -65,7 +65,9 @@ class Identity:
     """The token's ``sub`` claim; None for anonymous clients and tokens without one."""
     permissions: Permissions
     expires_at: float | None = None
-    """The token's ``exp`` (epoch seconds); None when it never expires."""
+    """When the identity stops being valid (epoch seconds): the token's ``exp`` plus
+    the verifier's leeway, so a token accepted within the leeway is not closed at
+    once. None when it never expires."""
     anonymous: bool = False
     """True when the client presented no token."""
 
@@ -85,12 +87,14 @@ class JwtVerifier:
     """
 
     __slots__ = (
+        "_algorithms",
         "_audience",
         "_issuer",
         "_jwt",
         "_keys",
         "_leeway",
         "_limits",
+        "_single_key",
         "default_permissions",
     )
 
@@ -121,6 +125,11 @@ class JwtVerifier:
         if algorithms is not None:
             keys = _restrict(keys, tuple(algorithms), secret)
         self._keys = keys
+        self._algorithms = list(keys)
+        # One key for every algorithm (the usual case: a secret, or one public key):
+        # PyJWT checks alg against the list itself, and the token is parsed once.
+        distinct = {id(key) for key in keys.values()}
+        self._single_key: Any = next(iter(keys.values())) if len(distinct) == 1 else None
         self._audience = audience
         self._issuer = issuer
         self._leeway = float(leeway)
@@ -142,17 +151,22 @@ class JwtVerifier:
             raise AuthError("token too long")
         if not token.isascii():
             raise AuthError("malformed token")
-        try:
-            header = _JWS.get_unverified_header(token)
-        except jwt.PyJWTError as exc:
-            raise AuthError(_reason(exc)) from None
-        alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in self._keys:
-            raise AuthError("algorithm not allowed")
-        key = self._keys[alg]
+        key = self._single_key
+        algorithms = self._algorithms
+        if key is None:
+            # A secret and a public key: the token's alg picks the key of its family.
+            try:
+                header = _JWS.get_unverified_header(token)
+            except jwt.PyJWTError as exc:
+                raise AuthError(_reason(exc)) from None
+            alg = header.get("alg")
+            if not isinstance(alg, str) or alg not in self._keys:
+                raise AuthError("algorithm not allowed")
+            key = self._keys[alg]
+            algorithms = [alg]
         try:
             claims = self._jwt.decode(
-                token, key, algorithms=[alg], audience=self._audience, issuer=self._issuer
+                token, key, algorithms=algorithms, audience=self._audience, issuer=self._issuer
             )
         except jwt.PyJWTError as exc:
             raise AuthError(_reason(exc)) from None
@@ -172,6 +186,8 @@ class JwtVerifier:
         else:
             permissions = self.default_permissions
         user = claims.get("sub")  # PyJWT has checked it is a string when present
+        if expires_at is not None:
+            expires_at += self._leeway
         return Identity(user, permissions, expires_at, anonymous=False)
 
 
@@ -429,10 +445,12 @@ def mint_token(
     audience: str | None = None,
     issuer: str | None = None,
     now: float | None = None,
+    expires_at: float | None = None,
 ) -> str:
     """Sign a token: ``key`` is the shared secret for HS*, else a PEM private key.
 
     ``ttl`` (seconds) sets ``exp``; None mints a token that never expires.
+    ``expires_at`` (epoch seconds) sets ``exp`` directly instead (``ttl`` must be None).
     ``permissions`` becomes the ``dwsps`` claim; None leaves it out, so the
     server's default permissions apply.
     """
@@ -447,6 +465,8 @@ def mint_token(
             )
     if ttl is not None and not (math.isfinite(ttl) and ttl > 0):
         raise ValueError("ttl must be a positive number of seconds")
+    if expires_at is not None and (ttl is not None or not math.isfinite(expires_at)):
+        raise ValueError("give ttl or expires_at (a finite epoch time), not both")
     if now is None:
         now = time.time()
     claims: dict[str, Any] = {"iat": int(now)}
@@ -454,6 +474,8 @@ def mint_token(
         claims["sub"] = sub
     if ttl is not None:
         claims["exp"] = int(now + ttl)
+    elif expires_at is not None:
+        claims["exp"] = int(expires_at)
     if permissions is not None:
         claims["dwsps"] = permissions.to_claim()
     if audience is not None:

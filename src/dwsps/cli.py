@@ -1,4 +1,4 @@
-"""The ``dwsps`` command: ``serve``, ``pub``, ``sub``, ``stat`` and ``bench``.
+"""The ``dwsps`` command: ``serve``, ``pub``, ``sub``, ``stat``, ``bench`` and ``token``.
 
 ``dwsps serve`` builds its :class:`~dwsps.config.ServerConfig` from defaults <
 ``--config`` TOML file < ``DWSPS_<FIELD>`` environment variables < options
@@ -12,7 +12,9 @@ one JSON object per line (:mod:`dwsps.logs`).
 ``dwsps pub`` publishes one message (an argument, or stdin with ``-``) or, with
 ``--lines``, each line of stdin as it arrives. ``dwsps sub`` prints deliveries
 and says on stderr when it lost the connection and when it is back.
-``dwsps stat`` is :mod:`dwsps.stat`.
+``dwsps stat`` is :mod:`dwsps.stat`. ``pub`` and ``sub`` (and ``bench``) present a
+token from ``--token``, ``--token-file`` or ``$DWSPS_TOKEN``; ``dwsps token``
+signs one for testing (both in :mod:`dwsps.tokens`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any, Final
 
 import orjson
 
-from dwsps import __version__
+from dwsps import __version__, tokens
 from dwsps import stat as stat_command
 from dwsps.bench import command as bench_command
 from dwsps.client import NO_RECONNECT_CODES, Client
@@ -142,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a load scenario")
     bench_command.add_arguments(bench)
     bench.set_defaults(func=bench_command.run)
+
+    token = sub.add_parser("token", help="sign a JWT for testing")
+    tokens.add_arguments(token)
+    token.set_defaults(func=tokens.run)
     return parser
 
 
@@ -158,6 +164,17 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="reply timeout (default: %(default)s)",
     )
+    tokens.add_token_options(parser)
+
+
+def _client(args: argparse.Namespace, command: str, **options: Any) -> Client | None:
+    """The command's client with the token it presents, or None (said on stderr)."""
+    try:
+        token = tokens.token_from_args(args)
+    except tokens.TokenSourceError as exc:
+        _say(command, str(exc))
+        return None
+    return Client(args.url, request_timeout=args.timeout, token=token, **options)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,7 +329,9 @@ def _pub(args: argparse.Namespace) -> int:
 
 
 async def _pub_async(args: argparse.Namespace, message: Any) -> int:
-    client = Client(args.url, reconnect=False, request_timeout=args.timeout, queue_size=0)
+    client = _client(args, "pub", reconnect=False, queue_size=0)
+    if client is None:
+        return 1
     try:
         async with client:
             ack = await client.publish(args.topic, message)
@@ -327,7 +346,9 @@ async def _pub_async(args: argparse.Namespace, message: Any) -> int:
 
 
 async def _pub_lines(args: argparse.Namespace) -> int:
-    client = Client(args.url, request_timeout=args.timeout, queue_size=0)
+    client = _client(args, "pub", queue_size=0)
+    if client is None:
+        return 1
     last_close: list[tuple[int, str]] = []
     client.on("disconnect", lambda code, reason: last_close.append((code, reason)))
     quiet = _report_connection(client, "pub")
@@ -388,7 +409,9 @@ def _sub(args: argparse.Namespace) -> int:
 
 
 async def _sub_async(args: argparse.Namespace) -> int:
-    client = Client(args.url, request_timeout=args.timeout)
+    client = _client(args, "sub")
+    if client is None:
+        return 1
     quiet = _report_connection(client, "sub")
     received = 0
     stopping: list[asyncio.Task[None]] = []

@@ -35,6 +35,14 @@ Reconnection
     raises :class:`ConnectionLost`. Close codes that reconnecting cannot cure
     (1008 policy / authentication, 1002, 1003, 1007: this client broke a rule)
     end the client for good instead of retrying against the same wall.
+
+Authentication
+    ``token=`` is presented as ``Authorization: Bearer <token>`` in every
+    upgrade request (a token in the URL's ``?token=`` works too; the header wins
+    when both are present). :meth:`Client.refresh_token` sends an ``auth``
+    request so an open connection outlives its token's ``exp``; the latest
+    token is the one every reconnection presents. A refused upgrade (HTTP 401,
+    403, 429, 503) is reported with the server's one-line reason.
 """
 
 from __future__ import annotations
@@ -49,10 +57,12 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, TypeVar, overload
 
+import jwt
 import orjson
 import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
+from websockets.datastructures import Headers
 
 from dwsps.backoff import Backoff
 from dwsps.errors import (
@@ -137,6 +147,9 @@ class Client:
     :param max_size: largest incoming message in bytes (``None``: no limit).
     :param topic_limits: check topic length/levels client-side too (by
         default only the shape is checked; the server enforces its limits).
+    :param token: a JWT (or any bearer token the server's authentication
+        hook understands), sent as ``Authorization: Bearer`` on every
+        connection; replace it with :meth:`refresh_token`.
     :param websocket_options: passed on to :func:`websockets.asyncio.client.connect`
         (e.g. ``additional_headers``, ``ssl``, ``proxy``).
     """
@@ -156,12 +169,14 @@ class Client:
         ping_timeout: float | None = 20.0,
         max_size: int | None = 16 * _MIB,
         topic_limits: TopicLimits | None = None,
+        token: str | None = None,
         **websocket_options: Any,
     ) -> None:
         if request_timeout <= 0 or backoff_initial <= 0 or backoff_max < backoff_initial:
             raise ValueError("timeouts and backoff bounds must be positive, initial <= max")
         if queue_size < 0:
             raise ValueError("queue_size must be >= 0")
+        _check_token(token)
         self.url = url
         self.display_url = redact(url)
         """``url`` as logs and errors show it: a ``?token=`` or password masked."""
@@ -186,6 +201,7 @@ class Client:
             "compression": None,
             **websocket_options,
         }
+        self._token = token or None
         self._limits = topic_limits or _NO_LIMITS
         self._clock = Clock()
         self._subscriptions: dict[str, Handler | None] = {}
@@ -221,6 +237,22 @@ class Client:
     def closed(self) -> bool:
         """Whether the client is closed for good (by :meth:`close` or a final drop)."""
         return self._closed
+
+    @property
+    def token(self) -> str | None:
+        """The token this client presents (the latest one given to :meth:`refresh_token`)."""
+        return self._token
+
+    @property
+    def user(self) -> str | None:
+        """Who the token says this client is: its ``sub`` claim, or None.
+
+        Read from the token itself (the server does not send it back): a
+        server with JWT authentication that accepted the token gives the
+        connection exactly this identity. None without a token, for a token
+        that is not a JWT, or one without ``sub``.
+        """
+        return _subject(self._token)
 
     @property
     def subscriptions(self) -> tuple[str, ...]:
@@ -350,6 +382,23 @@ class Client:
         self._check_topic(topic, "publish")
         return await self._request("publish", topic, message, None)
 
+    async def refresh_token(self, token: str) -> Message:
+        """Present a fresh ``token`` on the open connection (an ``auth`` request); return the ack.
+
+        The server replaces the connection's identity and permissions (and
+        releases subscriptions the new permissions do not cover). From now on
+        ``token`` is also what reconnections present, even if this request
+        fails. A token the server refuses raises
+        :class:`~dwsps.errors.UnauthorizedError`, and the server closes the
+        connection (1008): the client is then closed for good.
+        """
+        _check_token(token)
+        if not token:
+            raise ValueError("token must not be empty")
+        # Before sending: a reconnection meanwhile must not present the old token.
+        self._token = token
+        return await self._request("auth", "", None, None, {"token": token})
+
     def _check_topic(self, topic: str, action: str) -> None:
         try:
             validate(topic, subscription=action != "publish", limits=self._limits)
@@ -365,7 +414,12 @@ class Client:
             raise InvalidTopicError(ErrorCode.INVALID_TOPIC, str(exc), reply) from None
 
     async def _request(
-        self, action: str, topic: str, message: Any, on_ack: Callable[[], None] | None
+        self,
+        action: str,
+        topic: str,
+        message: Any,
+        on_ack: Callable[[], None] | None,
+        fields: Message | None = None,
     ) -> Message:
         if not self._started:
             raise RuntimeError("call connect() (or use 'async with') before making requests")
@@ -374,7 +428,7 @@ class Client:
                 while True:
                     ws = await self._wait_ready()
                     try:
-                        return await self._attempt(ws, action, topic, message, on_ack)
+                        return await self._attempt(ws, action, topic, message, on_ack, fields)
                     except _Lost as lost:
                         if action == "publish" and lost.args and lost.args[0] == "sent":
                             raise ConnectionLost(
@@ -383,9 +437,8 @@ class Client:
                             ) from None
                         # Not sent, or idempotent: try again on the next connection.
         except TimeoutError:
-            raise AckTimeout(
-                f"no reply to {action} {topic!r} within {self.request_timeout} s"
-            ) from None
+            what = f"{action} {topic!r}" if topic else action
+            raise AckTimeout(f"no reply to {what} within {self.request_timeout} s") from None
 
     async def _wait_ready(self) -> ClientConnection:
         while True:
@@ -403,15 +456,20 @@ class Client:
         topic: str,
         message: Any,
         on_ack: Callable[[], None] | None,
+        fields: Message | None = None,
     ) -> Message:
         """Send one request on ``ws`` and await its reply; raise _Lost if ``ws`` goes."""
         if ws is not self._ws:
             raise _Lost("unsent")
         self._next_id += 1
         req_id = self._next_id
-        request: Message = {"type": action, "topic": topic, "id": req_id}
+        request: Message = {"type": action, "id": req_id}
+        if topic:
+            request["topic"] = topic
         if action == "publish":
             request["message"] = message
+        if fields:
+            request.update(fields)
         request["timestamp"] = self._clock.now()
         data = encode_request(request)  # TypeError here if message is not JSON-able
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
@@ -460,8 +518,19 @@ class Client:
     # -- connection management --------------------------------------------
 
     async def _open(self) -> ClientConnection:
+        options = self._ws_options
+        if self._token is not None:
+            # Built per attempt: a reconnection presents the latest token.
+            given = Headers(options.get("additional_headers") or {}).raw_items()
+            headers = [(k, v) for k, v in given if k.lower() != "authorization"]
+            headers.append(("Authorization", f"Bearer {self._token}"))
+            options = {**options, "additional_headers": headers}
         try:
-            return await ws_connect(self.url, **self._ws_options)
+            return await ws_connect(self.url, **options)
+        except websockets.InvalidStatus as exc:
+            raise ConnectionClosed(
+                f"could not connect to {self.display_url}: {_refusal(exc)}"
+            ) from exc
         except (OSError, TimeoutError, websockets.WebSocketException) as exc:
             raise ConnectionClosed(f"could not connect to {self.display_url}: {exc}") from exc
 
@@ -674,6 +743,32 @@ class Client:
         self._queue_event.set()
         self._closed_event.set()
         self.events.emit("close", code, reason)
+
+
+def _check_token(token: object) -> None:
+    if token is not None and not isinstance(token, str):
+        raise TypeError("token must be a str")
+    if isinstance(token, str) and (not token.isascii() or any(c in token for c in "\r\n")):
+        raise ValueError("token must be ASCII without line breaks")
+
+
+def _subject(token: str | None) -> str | None:
+    if not token:
+        return None
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    sub = claims.get("sub")
+    return sub if isinstance(sub, str) else None
+
+
+def _refusal(exc: websockets.InvalidStatus) -> str:
+    """``HTTP 401: token expired``: the status and the server's one-line reason."""
+    response = exc.response
+    reason = (response.body or b"").decode("utf-8", "replace").strip().splitlines()
+    text = f"HTTP {response.status_code}"
+    return f"{text}: {reason[0][:200]}" if reason else text
 
 
 class Connect:

@@ -92,6 +92,11 @@ class Hub:
         self.authenticator = authenticator or Authenticator()
         self.admission = ConnectionLimiter(config.max_connections, config.max_connections_per_ip)
         self._rate = RateLimit(config.rate_limit, config.rate_burst) if config.rate_limit else None
+        # An expiry timer costs ~0.6 KB per connection, and most tokens expire
+        # long after they are presented: a timer is armed only for an expiry
+        # within two heartbeats, and the heartbeat arms the others as they come due.
+        interval = config.heartbeat_interval
+        self._expiry_horizon = 2.0 * interval if interval > 0 else None
         # fromPeerServer is trusted only from authenticated peers once anything is authenticated.
         self._peers_must_authenticate = bool(
             config.accept_peer_tokens or self.authenticator.enabled
@@ -101,6 +106,8 @@ class Hub:
         self.stats = ServerStats()
         self._clock = Clock()
         self.connections: dict[str, Connection] = {}
+        # A connection being closed, while its disconnect event runs (see user()).
+        self._departing: Connection | None = None
         self.router: Router[Connection] = Router(
             server_id,
             max_subscriptions=config.max_subscriptions,
@@ -139,6 +146,19 @@ class Hub:
             self, self._writer, self._limits, client_id, is_peer, identity, remote, limiter
         )
 
+    def user(self, client_id: str) -> str | None:
+        """Who the connection ``client_id`` authenticated as (its token's ``sub``), or None.
+
+        Answers in every event handler, ``disconnect`` included.
+        """
+        conn = self.connections.get(client_id)
+        if conn is None:
+            departing = self._departing
+            if departing is None or departing.client_id != client_id:
+                return None
+            conn = departing
+        return conn.user
+
     def abandon(self, conn: Connection) -> None:
         """An admitted upgrade that never opened: release what admission counted."""
         self.admission.release(conn.remote)
@@ -163,7 +183,11 @@ class Hub:
             conn.expiry = None
         self.router.drop(conn)
         if self.events.has("disconnect"):
-            self.events.emit("disconnect", conn.client_id)
+            self._departing = conn
+            try:
+                self.events.emit("disconnect", conn.client_id)
+            finally:
+                self._departing = None
 
     def text_received(self, conn: Connection, data: bytes) -> None:
         """Parse and carry out one request."""
@@ -300,7 +324,10 @@ class Hub:
         conn.identity = identity
         conn.permissions = checker_for(identity.permissions)
         # New permissions apply to what is held, not only to what comes next.
-        self.router.revoke(conn, conn.permissions)
+        revoked = self.router.revoke(conn, conn.permissions)
+        if revoked and self.events.has("unsubscribe"):
+            for topic in revoked:
+                self.events.emit("unsubscribe", topic, conn.client_id)
         if conn.expiry is not None:
             conn.expiry.cancel()
             conn.expiry = None
@@ -308,10 +335,14 @@ class Hub:
         self._ack(conn, "auth", None, req.id)
 
     def _schedule_expiry(self, conn: Connection) -> None:
+        """Arm the connection's expiry timer if its identity expires within the horizon."""
         expires_at = conn.identity.expires_at
         if expires_at is None or self._writer is None:
             return
         delay = max(0.0, expires_at - time.time())
+        horizon = self._expiry_horizon
+        if horizon is not None and delay > horizon:
+            return  # a later heartbeat arms it
         conn.expiry = self._writer.loop.call_later(delay, _expire, conn)
 
     # -- the publish path -------------------------------------------------
@@ -378,12 +409,17 @@ class Hub:
     # -- heartbeat and status ---------------------------------------------
 
     def heartbeat(self) -> None:
-        """Ping every connection; drop those that did not answer the previous ping."""
+        """Ping every connection; drop those that did not answer the previous ping.
+
+        Also arms the expiry timers of identities that expire within the horizon.
+        """
         for conn in list(self.connections.values()):
             if not conn.ping():
                 self.stats.heartbeat_timeouts += 1
                 log.info("dropping %s: no pong to the last ping", conn.client_id)
                 conn.abort()
+            elif conn.expiry is None and conn.identity.expires_at is not None:
+                self._schedule_expiry(conn)
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """``(healthy, document)`` for ``GET /health``."""
@@ -406,7 +442,7 @@ class Hub:
 
 
 def _expire(conn: Connection) -> None:
-    conn.expiry = None
+    # conn.expiry stays set (to the spent handle): the heartbeat does not arm it again.
     conn.fail(CloseCode.POLICY_VIOLATION, "token expired")
 
 

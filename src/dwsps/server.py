@@ -321,6 +321,15 @@ class Server:
         sent / resent / confirmed / rejected / dropped / forgotten counters."""
         return self._peering.status() if self._peering is not None else []
 
+    def user(self, client_id: str) -> str | None:
+        """Who the client ``client_id`` authenticated as (the token's ``sub``), or None.
+
+        For event handlers, whose arguments stay those of the original dwsps:
+        ``server.on("connect", lambda cid: print(cid, server.user(cid)))``.
+        Answers in every handler, ``disconnect`` included.
+        """
+        return self.hub.user(client_id)
+
     def has_subscribers(self, topic: str) -> bool:
         """Whether any local subscription matches ``topic``."""
         return self.hub.router.has_subscribers(topic)
@@ -370,14 +379,24 @@ class Server:
         return hub.new_connection(False, identity, request.remote)
 
     async def _admit_async(self, auth: Authenticator, upgrade: UpgradeRequest) -> Admitted:
+        # Bounded like the rest of the handshake: a hung hook must not hold the slot.
         try:
-            identity = await auth.authenticate_async(upgrade)
+            identity = await asyncio.wait_for(
+                auth.authenticate_async(upgrade), self.config.handshake_timeout
+            )
         except AuthError as exc:
             self.hub.admission.release(upgrade.remote)
             return text_response(401, exc.reason)
+        except TimeoutError:
+            self.hub.admission.release(upgrade.remote)
+            log.warning("the authenticate hook did not answer within the handshake timeout")
+            return text_response(503, "authentication timed out")
         except BaseException:
             self.hub.admission.release(upgrade.remote)
             raise
+        if not isinstance(identity, Identity):
+            self.hub.admission.release(upgrade.remote)
+            raise TypeError(f"the authenticate hook returned {identity!r}, not an Identity")
         return self.hub.new_connection(False, identity, upgrade.remote)
 
     def abandon(self, listener: WSListener) -> None:

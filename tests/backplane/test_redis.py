@@ -24,7 +24,7 @@ from tests.backplane.conftest import (
 from tests.conftest import ClientFactory, PortFactory, ProcessFactory
 from tests.procs import ServerProcess
 from tests.support import eventually
-from tests.wsclient import RawClient, get_json, is_delivery
+from tests.wsclient import RawClient, get_json, http_get, is_delivery
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -311,3 +311,44 @@ async def test_peering_and_backplane_together_no_duplicates(
     assert dropped > 0  # both paths carried copies; the copies were dropped
     for sub in subs:
         assert sub.take_all(is_delivery()) == []
+
+
+async def test_backplane_credentials_never_appear_in_health_or_logs(
+    redis_proc: RedisProcess,
+    redis_admin: aioredis.Redis,
+    serve_process: ProcessFactory,
+    open_client: ClientFactory,
+) -> None:
+    # A Redis user with a password: the URL carries credentials, as a managed Redis needs.
+    await redis_admin.execute_command(
+        "ACL", "SETUSER", "dwsps", "on", ">pw-s3cret-9", "~*", "&*", "+@all"
+    )
+    good = f"redis://dwsps:pw-s3cret-9@127.0.0.1:{redis_proc.port}/0"
+    wrong = f"redis://dwsps:wrong-pw-7@127.0.0.1:{redis_proc.port}/0"
+    a = await serve_process("--backplane", good, *NO_HEARTBEAT, "--log-level", "debug")
+    b = await serve_process("--backplane", wrong, *NO_HEARTBEAT, "--log-level", "debug")
+    await eventually(lambda: _state_is(a.url, "up"), "A to log in to Redis")
+    clients = await redis_admin.execute_command("CLIENT", "LIST")
+    assert b"user=dwsps" in (clients if isinstance(clients, bytes) else str(clients).encode())
+    sub = await open_client(a.url)
+    await sub.subscribe("news")
+    await wait_subscribed(a.url, "news")
+    await (await open_client(a.url)).publish("news", "hi")
+    assert [m["message"] for m in await sub.take(1, within=WAIT)] == ["hi"]
+
+    code, _ = await get_json(b.url, "/health")
+    assert code == 503  # the wrong password leaves B degraded
+    for proc, password in ((a, "pw-s3cret-9"), (b, "wrong-pw-7")):
+        for path in ("/health", "/health/backplane", "/metrics"):
+            _, body = await http_get(proc.url, path)
+            assert password.encode() not in body, (path, body[:300])
+        assert "dwsps:***@" in str((await get_json(proc.url, "/health"))[1]["backplane"])
+    await proc_stopped_logs_clean(a, "pw-s3cret-9")
+    await proc_stopped_logs_clean(b, "wrong-pw-7")
+
+
+async def proc_stopped_logs_clean(proc: ServerProcess, password: str) -> None:
+    """Everything the process logged, shutdown included, is free of ``password``."""
+    await proc.stop()
+    assert proc.log(), "the server logged nothing at debug level"
+    assert password not in proc.log()

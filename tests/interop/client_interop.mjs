@@ -2,14 +2,18 @@
 // original dwsps is built on) talks to a Python dwsps server the way the
 // original client does: {type, topic, message, timestamp}, no ids.
 //
-// Usage: node client_interop.mjs ws://127.0.0.1:PORT
+// Usage: node client_interop.mjs ws://127.0.0.1:PORT[/?token=JWT]
+// A query string (a token for a server that requires one) is kept on every
+// connection, whatever its path, as an original client passes its URL through.
 // Prints one JSON line {"ok": true|false, "checks": [...], "error"?: "..."}
 // and exits 0 only if every check passed.
 
 import assert from 'node:assert/strict'
 import WebSocket from 'ws'
 
-const url = process.argv[2]
+const given = new URL(process.argv[2])
+const base = `${given.protocol}//${given.host}`
+const query = given.search
 const checks = []
 const JS_DATE = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/
 
@@ -21,7 +25,7 @@ function check (name, fn) {
 // A connection with an inbox: every text message parsed, taken in order.
 function open (path) {
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(url + path)
+    const ws = new WebSocket(base + path + query)
     const inbox = []
     let wake = null
     ws.on('message', (data, isBinary) => {

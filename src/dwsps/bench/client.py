@@ -219,18 +219,27 @@ def _head(topic: str) -> bytes:
     return b'{"type":"publish","topic":' + orjson.dumps(topic) + b',"message":{"s":'
 
 
-async def connect(factory: Callable[[], Any], url: str, wait: float) -> Any:
-    """Open one benchmark connection; return its listener."""
+async def connect(
+    factory: Callable[[], Any], url: str, wait: float, token: str | None = None
+) -> Any:
+    """Open one benchmark connection (``token``: a bearer token to present); return its listener."""
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     _, listener = await asyncio.wait_for(
-        ws_connect(factory, url, read_buffer_init_size=64 * 1024, max_frame_size=64 << 20),
+        ws_connect(
+            factory,
+            url,
+            read_buffer_init_size=64 * 1024,
+            max_frame_size=64 << 20,
+            extra_headers=headers,
+        ),
         wait,
     )
     return listener
 
 
-async def probe(url: str, wait: float) -> None:
+async def probe(url: str, wait: float, token: str | None = None) -> None:
     """Open and close one connection to ``url``; raise what stopped it."""
-    listener: Publisher = await connect(lambda: Publisher("probe", 0), url, wait)
+    listener: Publisher = await connect(lambda: Publisher("probe", 0), url, wait, token)
     await close([listener], wait)
 
 

@@ -23,6 +23,8 @@ from picows import WSError
 from dwsps import loop
 from dwsps.bench.client import probe
 from dwsps.bench.scenarios import RUNNERS, SCENARIOS, Params
+from dwsps.redact import redact
+from dwsps.tokens import TokenSourceError, add_token_options, token_from_args
 
 _DEFAULT_SUBS = {"fanout": 100, "peered": 100, "latency": 100, "connections": 1000}
 _FAILURES = (OSError, TimeoutError, WSError, RuntimeError)
@@ -150,6 +152,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_token_options(parser)
 
 
 def params_from_args(args: argparse.Namespace) -> Params:
@@ -172,6 +175,7 @@ def params_from_args(args: argparse.Namespace) -> Params:
         concurrency=args.concurrency,
         server_pids=list(args.server_pid),
         progress=not args.quiet,
+        token=token_from_args(args),
     )
 
 
@@ -193,7 +197,10 @@ def run(args: argparse.Namespace) -> int:
             "dwsps bench: peered needs --pub-url (server A) and --url (its peer B)", file=sys.stderr
         )
         return 2
-    params = params_from_args(args)
+    try:
+        params = params_from_args(args)
+    except TokenSourceError as exc:
+        return _fail(str(exc))
     result = loop.run(_measure(params))
     if isinstance(result, str):
         return _fail(result)
@@ -209,9 +216,9 @@ async def _measure(params: Params) -> dict[str, Any] | str:
     # a failure per subscriber and then a traceback.
     for url in dict.fromkeys([params.url, params.pub_url or params.url]):
         try:
-            await probe(url, params.setup_timeout)
+            await probe(url, params.setup_timeout, params.token)
         except _FAILURES as exc:
-            return f"cannot connect to {url}: {_reason(exc)}"
+            return f"cannot connect to {redact(url)}: {_reason(exc)}"
     try:
         return await RUNNERS[params.scenario](params)
     except _FAILURES as exc:

@@ -17,6 +17,7 @@ from typing import Any
 
 from dwsps.bench.client import Publisher, Subscriber, Tracker, close, connect
 from dwsps.bench.procfs import Sample, raise_open_files, rss_kb
+from dwsps.redact import redact
 
 SCENARIOS = ("fanout", "latency", "peered", "connections")
 
@@ -42,6 +43,8 @@ class Params:
     setup_timeout: float = 20.0
     server_pids: list[int] = field(default_factory=list)
     progress: bool = True
+    token: str | None = None
+    """Presented as ``Authorization: Bearer`` by every connection."""
 
 
 class Progress:
@@ -72,13 +75,14 @@ class Progress:
 
 def _base(p: Params) -> dict[str, Any]:
     params = asdict(p)
-    for key in ("scenario", "url", "pub_url", "subs", "server_pids", "progress"):
+    # The token is a credential: it stays out of results (and so do ?token= values).
+    for key in ("scenario", "url", "pub_url", "subs", "server_pids", "progress", "token"):
         params.pop(key)
     return {
         "tool": "dwsps-bench",
         "scenario": p.scenario,
-        "url": p.url,
-        "pubUrl": p.pub_url or p.url,
+        "url": redact(p.url),
+        "pubUrl": redact(p.pub_url or p.url),
         "subs": p.subs,
         "params": params,
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -99,7 +103,7 @@ async def _open_subscribers(
         async with limit:
             sub: Subscriber | None = None
             try:
-                sub = await connect(lambda: Subscriber(tracker), p.url, p.setup_timeout)
+                sub = await connect(lambda: Subscriber(tracker), p.url, p.setup_timeout, p.token)
                 await sub.subscribe(topic, p.setup_timeout)
             except Exception as exc:
                 failures.append(f"{type(exc).__name__}: {exc}"[:200])
@@ -178,7 +182,7 @@ async def fanout(p: Params) -> dict[str, Any]:
     tracker = Tracker(p.inflight + 1)
     subs, failures = await _open_subscribers(p, tracker, [p.topic] * p.subs, progress)
     pub: Publisher = await connect(
-        lambda: Publisher(f"{p.topic}.x", p.payload), p.pub_url or p.url, p.setup_timeout
+        lambda: Publisher(f"{p.topic}.x", p.payload), p.pub_url or p.url, p.setup_timeout, p.token
     )
     if not await _wait_for_path(pub, tracker, p.setup_timeout):
         await close([*subs, pub])
@@ -287,7 +291,7 @@ async def latency(p: Params) -> dict[str, Any]:
     tracker = Tracker(1 << 16)
     subs, failures = await _open_subscribers(p, tracker, [p.topic] * p.subs, progress)
     pub: Publisher = await connect(
-        lambda: Publisher(f"{p.topic}.x", p.payload), p.pub_url or p.url, p.setup_timeout
+        lambda: Publisher(f"{p.topic}.x", p.payload), p.pub_url or p.url, p.setup_timeout, p.token
     )
     if not await _wait_for_path(pub, tracker, p.setup_timeout):
         await close([*subs, pub])
@@ -367,7 +371,9 @@ async def connections(p: Params) -> dict[str, Any]:
     after = rss_kb(pid) if pid else None
     closed_before_check = sum(1 for s in subs if s.closed_by_server)
     # Liveness: one publish per topic; each connection must get exactly one.
-    pub: Publisher = await connect(lambda: Publisher(p.topic, p.payload), p.url, p.setup_timeout)
+    pub: Publisher = await connect(
+        lambda: Publisher(p.topic, p.payload), p.url, p.setup_timeout, p.token
+    )
     for i, topic in enumerate(topics):
         pub.publish(0, topic)
         if i % 1000 == 999:
