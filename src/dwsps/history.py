@@ -440,6 +440,21 @@ class HistoryPage:
     one, so ``publications`` are simply the latest."""
 
 
+def history_store(
+    patterns: Iterable[str],
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    limits: TopicLimits = DEFAULT_LIMITS,
+) -> HistoryStore | None:
+    """The store for configured ``PATTERN:SIZE[:AGE]`` texts; None when there are none.
+
+    Raises :class:`HistoryConfigError` for a bad pattern, order or byte cap.
+    """
+    parsed = [parse_history_pattern(text, limits) for text in patterns]
+    if not parsed:
+        return None
+    return HistoryStore(parsed, max_bytes)
+
+
 class HistoryStore:
     """All streams of one server, bounded by patterns and a server-wide byte cap."""
 
