@@ -447,7 +447,7 @@ class Hub:
         except HistoryError as exc:
             raise ProtocolError(exc.code, exc.detail, "history", req.id) from None
         # The reply is one frame: keep it to half the outbound bound, newest first.
-        budget = self.config.max_outbound_buffer // 2
+        budget = self.config.max_outbound_buffer // 2 - 512  # the reply's own fields
         encoded: list[bytes] = []
         for pub in reversed(page.publications):
             item = encode_kept_delivery(
