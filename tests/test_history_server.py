@@ -75,17 +75,21 @@ async def test_acks_and_deliveries_carry_stream_offset_and_epoch(
         ("chat.room1", i, epoch) for i in (1, 2, 3)
     ]
     news_ack = await sub.publish("news", "no history")
-    assert "offset" not in news_ack and "stream" not in news_ack
+    assert "offset" not in news_ack
+    assert "stream" not in news_ack
     got = await sub.take(4)
     assert [(d["topic"], d["stream"], d["offset"], d["epoch"]) for d in got[:3]] == [
         ("chat.room1.typing", "chat.room1", i, epoch) for i in (1, 2, 3)
     ]
     assert [d["message"] for d in got[:3]] == [{"n": 0}, {"n": 1}, {"n": 2}]
     assert "recovered" not in got[0]
-    assert got[3]["topic"] == "news" and "offset" not in got[3] and "epoch" not in got[3]
+    assert got[3]["topic"] == "news"
+    assert "offset" not in got[3]
+    assert "epoch" not in got[3]
     # A subscription spanning streams has no single position.
     wide = await sub.request({"type": "subscribe", "topic": "chat"})
-    assert wide["type"] == "ack" and "epoch" not in wide
+    assert wide["type"] == "ack"
+    assert "epoch" not in wide
 
 
 async def test_two_contexts_share_the_position_of_one_publish(
@@ -111,7 +115,8 @@ async def test_api_publish_reports_the_position(make_server: ServerFactory) -> N
     )
     assert status == 200, body
     reply = orjson.loads(body)
-    assert (reply["stream"], reply["offset"]) == ("chat.r", 1) and reply["epoch"]
+    assert (reply["stream"], reply["offset"]) == ("chat.r", 1)
+    assert reply["epoch"]
 
 
 # -- recover --------------------------------------------------------------------------------
@@ -132,7 +137,8 @@ async def test_recover_replays_exactly_what_was_missed_then_goes_live(
     await pub.publish("chat.room1", "last missed")
     again = await open_client(srv.url)
     reply = await recover(again, "chat.room1", seen["epoch"], seen["offset"])
-    assert reply["type"] == "ack" and reply["recovered"] is True
+    assert reply["type"] == "ack"
+    assert reply["recovered"] is True
     assert (reply["epoch"], reply["offset"]) == (ack["epoch"], 1002)
     replay = await again.take(1001)
     assert offsets(replay) == list(range(2, 1003))
@@ -140,10 +146,12 @@ async def test_recover_replays_exactly_what_was_missed_then_goes_live(
     assert all(d["recovered"] is True and d["context"] == "chat.room1" for d in replay)
     await pub.publish("chat.room1", "live")
     (live,) = await again.take(1)
-    assert (live["offset"], live["message"]) == (1003, "live") and "recovered" not in live
+    assert (live["offset"], live["message"]) == (1003, "live")
+    assert "recovered" not in live
     await again.sync()
     assert not again.take_all(is_delivery())
-    assert srv.stats.recoveries_ok == 1 and srv.stats.replayed == 1001
+    assert srv.stats.recoveries_ok == 1
+    assert srv.stats.replayed == 1001
 
 
 async def test_recover_of_a_subtopic_replays_only_what_it_matches(
@@ -157,7 +165,8 @@ async def test_recover_of_a_subtopic_replays_only_what_it_matches(
     await pub.publish("chat.room1.typing", "t2")
     sub = await open_client(srv.url)
     reply = await recover(sub, "chat.room1.typing", first["epoch"], 0)
-    assert reply["recovered"] is True and reply["offset"] == 4
+    assert reply["recovered"] is True
+    assert reply["offset"] == 4
     got = await sub.take(2)
     assert [(d["offset"], d["message"]) for d in got] == [(2, "t1"), (4, "t2")]
 
@@ -198,7 +207,8 @@ async def test_recover_while_a_publisher_streams_sees_every_offset_once(
             assert reply["recovered"] is True, reply
     finally:
         await task
-    assert rounds > 5 and stop.is_set()
+    assert rounds > 5
+    assert stop.is_set()
     assert received == list(range(1, total + 1))
 
 
@@ -215,7 +225,8 @@ async def test_a_big_recovery_is_paged_and_still_seamless(
     await pub.sync()
     sub = await open_client(srv.url)
     reply = await recover(sub, "big.s", ack["epoch"], 0)
-    assert reply["recovered"] is True and reply["offset"] == 20_000
+    assert reply["recovered"] is True
+    assert reply["offset"] == 20_000
     # Publishes that arrive while the replay is paged come right after it, once each.
     for _ in range(100):
         await pub.send_json({"type": "publish", "topic": "big.s", "message": "during"})
@@ -224,7 +235,8 @@ async def test_a_big_recovery_is_paged_and_still_seamless(
     assert all(d.get("recovered") is True for d in got[:20_000])
     await pub.publish("big.s", "after")
     (after,) = await sub.take(1)
-    assert after["offset"] == 20_101 and "recovered" not in after
+    assert after["offset"] == 20_101
+    assert "recovered" not in after
     assert srv.stats.slow_consumers == 0
     assert srv.stats.replayed >= 20_000
 
@@ -268,12 +280,14 @@ async def test_a_wrong_epoch_is_not_recovered(
     ack = await pub.publish("chat.room1", "a")
     sub = await open_client(srv.url)
     reply = await recover(sub, "chat.room1", "not-the-epoch", 0)
-    assert reply["type"] == "ack" and reply["recovered"] is False
+    assert reply["type"] == "ack"
+    assert reply["recovered"] is False
     assert (reply["epoch"], reply["offset"]) == (ack["epoch"], 1)
     # Subscribed all the same: live deliveries follow, nothing is replayed.
     await pub.publish("chat.room1", "b")
     (live,) = await sub.take(1)
-    assert live["message"] == "b" and "recovered" not in live
+    assert live["message"] == "b"
+    assert "recovered" not in live
     assert srv.stats.recoveries_failed == 1
 
 
@@ -336,7 +350,8 @@ async def test_evicted_streams_are_not_recovered_and_show_in_metrics(
     assert float(metrics["dwsps_history_recoveries_failed_total"]) == 1
     _, health = await http_get(srv.url, "/health")
     doc = orjson.loads(health)
-    assert doc["history"]["evicted_streams"] > 0 and doc["history"]["bytes"] <= 20_000
+    assert doc["history"]["evicted_streams"] > 0
+    assert doc["history"]["bytes"] <= 20_000
     assert doc["stats"]["recoveries_failed"] == 1
 
 
@@ -352,7 +367,8 @@ async def test_a_restarted_server_does_not_recover_old_offsets(
     second = await serve_process("--history", "chat.*:100", port=port)
     sub = await open_client(second.url)
     reply = await recover(sub, "chat.room1", ack["epoch"], ack["offset"])
-    assert reply["recovered"] is False and reply["epoch"] != ack["epoch"]
+    assert reply["recovered"] is False
+    assert reply["epoch"] != ack["epoch"]
     assert reply["offset"] == 0
 
 
@@ -376,7 +392,8 @@ async def test_bad_recover_requests_get_invalid_message(
     srv = await history_server(make_server)
     sub = await open_client(srv.url)
     reply = await sub.request({"type": "subscribe", **request_fields})
-    assert reply["type"] == "error" and reply["error"] == "invalid_message", reply
+    assert reply["type"] == "error", reply
+    assert reply["error"] == "invalid_message", reply
     assert detail in reply["detail"]
     assert reply["action"] == "subscribe"
     assert srv.hub.router.subscriptions(next(iter(srv.connections.values()))) == frozenset()
@@ -387,7 +404,8 @@ async def test_recover_without_history_configured(
 ) -> None:
     sub = await open_client(server.url)
     reply = await recover(sub, "chat.a", "e", 0)
-    assert reply["error"] == "invalid_message" and "no history" in reply["detail"]
+    assert reply["error"] == "invalid_message"
+    assert "no history" in reply["detail"]
     ack = await sub.request({"type": "subscribe", "topic": "chat.a"})
     assert "epoch" not in ack
     assert "offset" not in await sub.publish("chat.a", 1)
@@ -404,7 +422,8 @@ async def test_recover_needs_permission_to_subscribe(
     reply = await recover(sub, "chat.a", "e", 0)
     assert reply["error"] == "forbidden"
     page = await history(sub, topic="chat.a")
-    assert page["error"] == "forbidden" and page["action"] == "history"
+    assert page["error"] == "forbidden"
+    assert page["action"] == "history"
 
 
 # -- the history request --------------------------------------------------------------------
@@ -430,7 +449,8 @@ async def test_history_request_pages_the_latest(
     since = await history(pub, topic="chat.room1", limit=50, since={"epoch": epoch, "offset": 8})
     assert offsets(since["publications"]) == [9, 10, 11]
     position = await history(pub, topic="chat.room1", limit=0)
-    assert position["publications"] == [] and position["offset"] == 11
+    assert position["publications"] == []
+    assert position["offset"] == 11
     empty = await history(pub, topic="chat.nothing")
     assert (empty["offset"], empty["publications"]) == (0, [])
 
@@ -454,8 +474,10 @@ async def test_bad_history_requests_get_invalid_message(
     srv = await history_server(make_server)
     sub = await open_client(srv.url)
     reply = await history(sub, **request_fields)
-    assert reply["type"] == "error" and reply["error"] == "invalid_message", reply
-    assert detail in reply["detail"] and reply["action"] == "history"
+    assert reply["type"] == "error", reply
+    assert reply["error"] == "invalid_message", reply
+    assert detail in reply["detail"]
+    assert reply["action"] == "history"
 
 
 async def test_a_history_reply_stays_within_half_the_outbound_bound(
@@ -469,7 +491,8 @@ async def test_a_history_reply_stays_within_half_the_outbound_bound(
     page = await history(pub, topic="chat.big", limit=100)
     assert page["truncated"] is True
     pubs = page["publications"]
-    assert 0 < len(pubs) < 100 and pubs[-1]["offset"] == 100  # the newest kept
+    assert 0 < len(pubs) < 100
+    assert pubs[-1]["offset"] == 100
     assert len(orjson.dumps(page)) <= 32 * 1024
 
 
@@ -506,7 +529,8 @@ async def test_client_recovers_everything_across_a_server_side_drop(
         await eventually(lambda: got[-1:] == ["live"], "the live delivery")
         assert got == [*range(300), "live"]
         assert recoveries == [("chat.room1", True)]
-        assert sub.recovered is True and sub.offset == 301
+        assert sub.recovered is True
+        assert sub.offset == 301
 
 
 async def test_client_says_when_it_could_not_recover(
@@ -534,7 +558,8 @@ async def test_client_says_when_it_could_not_recover(
         await asyncio.wait_for(recovered.wait(), WAIT)
         assert events == [("chat.room1", False)]
         assert old.recovered is False
-        assert old.epoch != old_epoch and old.offset == 0  # afresh from the new server's
+        assert old.epoch != old_epoch
+        assert old.offset == 0
         assert second.url
 
 
