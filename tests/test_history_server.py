@@ -591,3 +591,36 @@ async def test_sub_says_when_messages_could_not_be_recovered(
         assert "reconnected" in await line_of(sub.stderr)
         sub.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(sub.wait(), WAIT) == 0
+
+
+# -- more than one server ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("link", ["backplane", "peer"])
+async def test_each_server_keeps_its_own_streams(
+    make_server: ServerFactory, open_client: ClientFactory, link: str
+) -> None:
+    """Without shared streams, another server's offsets are never taken for its own."""
+    shared = {"backplane": "memory://history"} if link == "backplane" else {}
+    b = await history_server(make_server, **shared)
+    if link == "peer":
+        a = await history_server(make_server, peers=[b.url])
+        await eventually(lambda: a.peer_status()[0]["state"] == "up", "the peer link")
+    else:
+        a = await history_server(make_server, **shared)
+    on_b = await open_client(b.url)
+    ack_b = await on_b.request({"type": "subscribe", "topic": "chat.room1"})
+    on_a = await open_client(a.url)
+    ack_a = await on_a.publish("chat.room1", "hello")
+    (got,) = await on_b.take(1)
+    assert got["message"] == "hello"
+    assert got["epoch"] == ack_b["epoch"] != ack_a["epoch"]  # each server its own epoch
+    # On the server it came from, b's position recovers; on the other, never.
+    again_b = await open_client(b.url)
+    ok = await recover(again_b, "chat.room1", got["epoch"], 0)
+    assert ok["recovered"] is True
+    assert [d["message"] for d in await again_b.take(1)] == ["hello"]
+    again_a = await open_client(a.url)
+    refused = await recover(again_a, "chat.room1", got["epoch"], 0)
+    assert refused["recovered"] is False
+    assert refused["epoch"] == ack_a["epoch"]

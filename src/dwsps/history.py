@@ -500,6 +500,18 @@ class HistoryStore:
         found = self.patterns.stream_of(topic)
         if found is None:
             return None
+        return self.append(found, topic, timestamp, message, from_peer, now)
+
+    def append(
+        self,
+        found: tuple[str, HistoryPattern],
+        topic: str,
+        timestamp: str,
+        message: bytes,
+        from_peer: bool,
+        now: float,
+    ) -> Publication:
+        """:meth:`publish` for a topic whose ``patterns.stream_of`` the caller has already."""
         name, pattern = found
         streams = self._streams
         stream = streams.get(name)

@@ -359,7 +359,7 @@ class Hub:
                     pub.timestamp,
                     pub.message,
                     pub.from_peer,
-                    Position(pub.stream, pub.epoch, pub.offset),
+                    pub,
                     True,
                 )
             )
@@ -456,7 +456,7 @@ class Hub:
                 pub.timestamp,
                 pub.message,
                 pub.from_peer,
-                Position(pub.stream, pub.epoch, pub.offset),
+                pub,
                 False,
             )
             budget -= len(item) + 1
@@ -464,9 +464,8 @@ class Hub:
                 break
             encoded.append(item)
         encoded.reverse()
-        position = Position(page.stream, page.epoch, page.offset)
         truncated = len(encoded) < len(page.publications)
-        conn.send(text_frame(encode_history(req.topic, position, encoded, req.id, truncated)))
+        conn.send(text_frame(encode_history(req.topic, page, encoded, req.id, truncated)))
 
     def _on_unsubscribe(self, conn: Connection, req: Unsubscribe) -> None:
         self._cancel_replay(conn, req.topic)
@@ -554,16 +553,12 @@ class Hub:
         ``extra`` adds fields to the delivery (e.g. how it arrived).
         """
         history = self.history
-        if history is not None:
+        position = pub.position
+        if history is not None and position is None:
             # Decided per publish (the stream of a topic is cached): a topic
             # without history pays nothing per delivery, one with history gets
             # its fields encoded once, in the shared tail of every delivery.
-            position = pub.position
-            if position is None:
-                position = self._keep(history, pub)
-            if position is not None:
-                fields = position_fields(position)
-                extra = fields if extra is None else {**extra, **fields}
+            position = self._keep(history, pub)
         router = self.router
         matches = router.match(pub.topic)
         if not matches:
@@ -571,7 +566,12 @@ class Hub:
         writer = self._writer
         assert writer is not None
         encoder = DeliveryEncoder(
-            pub.topic, pub.message, pub.timestamp or self._clock.now(), pub.from_peer, extra
+            pub.topic,
+            pub.message,
+            pub.timestamp or self._clock.now(),
+            pub.from_peer,
+            extra,
+            position,
         )
         count = 0
         for context, subscribers in matches:
@@ -585,17 +585,20 @@ class Hub:
 
     def _keep(self, history: HistoryStore, pub: Publish) -> Position | None:
         """Append ``pub`` to its stream, if it has one; its message is then encoded once."""
-        if history.patterns.stream_of(pub.topic) is None:
+        found = history.patterns.stream_of(pub.topic)
+        if found is None:
             return None
         if pub.timestamp is None:
             pub.timestamp = self._clock.now()
         body = orjson.dumps(pub.message)
-        kept = history.publish(pub.topic, pub.timestamp, body, pub.from_peer, self._now())
-        assert kept is not None
+        assert self._writer is not None
+        kept = history.append(
+            found, pub.topic, pub.timestamp, body, pub.from_peer, self._writer.loop.time()
+        )
         # Deliveries and links splice the encoded message in as it is.
         pub.message = orjson.Fragment(body)
-        pub.position = Position(kept.stream, kept.epoch, kept.offset)
-        return pub.position
+        pub.position = kept
+        return kept
 
     def emit(self, event: str, *args: Any) -> None:
         """Fire a server event (LinkHost)."""

@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, Protocol
 
 import orjson
 
@@ -31,12 +31,19 @@ _TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[
 RequestId = str | int
 
 
-class Position(NamedTuple):
-    """Where a publication lies in its history stream (extension: history)."""
+class Position(Protocol):
+    """Where a publication lies in its history stream (extension: history).
 
-    stream: str
-    epoch: str
-    offset: int
+    A kept :class:`~dwsps.history.Publication` is one, so the publish path
+    builds no extra object for it.
+    """
+
+    @property
+    def stream(self) -> str: ...
+    @property
+    def epoch(self) -> str: ...
+    @property
+    def offset(self) -> int: ...
 
 
 @dataclass(slots=True)
@@ -303,12 +310,17 @@ def encode_kept_delivery(
     )
     if from_peer:
         out += b',"fromPeerServer":true'
-    out += b',"stream":%b,"offset":%d,"epoch":%b' % (
+    out += _position_bytes(position)
+    return out + (b',"recovered":true}' if recovered else b"}")
+
+
+def _position_bytes(position: Position) -> bytes:
+    dumps = orjson.dumps
+    return b',"stream":%b,"offset":%d,"epoch":%b' % (
         dumps(position.stream),
         position.offset,
         dumps(position.epoch),
     )
-    return out + (b',"recovered":true}' if recovered else b"}")
 
 
 def encode_history(
@@ -365,6 +377,7 @@ class DeliveryEncoder:
         timestamp: str,
         from_peer: bool,
         extra: dict[str, Any] | None = None,
+        position: Position | None = None,
     ) -> None:
         dumps = orjson.dumps
         self._head = (
@@ -379,6 +392,8 @@ class DeliveryEncoder:
             tail += b',"fromPeerServer":true'
         if extra:
             tail += b"," + dumps(extra)[1:-1]
+        if position is not None:
+            tail += _position_bytes(position)
         self._tail = tail + b"}"
 
     def encode(self, context: str) -> bytes:
