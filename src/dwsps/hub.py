@@ -349,24 +349,22 @@ class Hub:
         return recovery
 
     def _send_replay(self, conn: Connection, context: str, pubs: list[Publication]) -> int:
-        """Queue replayed deliveries of ``pubs`` on ``conn``; return the bytes queued."""
-        sent = 0
-        for pub in pubs:
-            frame = text_frame(
-                encode_kept_delivery(
-                    pub.topic,
-                    context,
-                    pub.timestamp,
-                    pub.message,
-                    pub.from_peer,
-                    pub,
-                    True,
+        """Queue replayed deliveries of ``pubs`` on ``conn``, as one write; return the bytes."""
+        if not pubs:
+            return 0
+        data = b"".join(
+            [
+                text_frame(
+                    encode_kept_delivery(
+                        pub.topic, context, pub.timestamp, pub.message, pub.from_peer, pub, True
+                    )
                 )
-            )
-            conn.send(frame)
-            sent += len(frame)
+                for pub in pubs
+            ]
+        )
+        conn.send(data)
         self.stats.replayed += len(pubs)
-        return sent
+        return len(data)
 
     # -- paged replays ----------------------------------------------------
 
@@ -397,8 +395,8 @@ class Hub:
             while True:
                 budget = self._page_bytes
                 while done < len(pubs) and budget > 0:
-                    budget -= self._send_replay(conn, req.topic, pubs[done : done + 64])
-                    done += 64
+                    budget -= self._send_replay(conn, req.topic, pubs[done : done + 256])
+                    done += 256
                 if done >= len(pubs):
                     more = history.recover(req.topic, recovery.epoch, offset, self._now())
                     if not more.recovered:
