@@ -624,3 +624,24 @@ async def test_each_server_keeps_its_own_streams(
     refused = await recover(again_a, "chat.room1", got["epoch"], 0)
     assert refused["recovered"] is False
     assert refused["epoch"] == ack_a["epoch"]
+
+
+async def test_recovering_a_held_subscription_again_stays_seamless(
+    make_server: ServerFactory, open_client: ClientFactory
+) -> None:
+    srv = await history_server(make_server, history=["big.*:5000"], max_outbound_buffer=64 * 1024)
+    sub = await open_client(srv.url)
+    ack = await sub.request({"type": "subscribe", "topic": "big.s"})
+    pub = await open_client(srv.url)
+    for _ in range(5000):
+        await pub.send_json({"type": "publish", "topic": "big.s", "message": "z" * 100})
+    assert offsets(await sub.take(5000, within=WAIT)) == list(range(1, 5001))
+    reply = await recover(sub, "big.s", ack["epoch"], 0)  # paged: bigger than a page
+    assert reply["recovered"] is True
+    for _ in range(50):
+        await pub.send_json({"type": "publish", "topic": "big.s", "message": "during"})
+    got = await sub.take(5050, within=WAIT)
+    assert offsets(got) == list(range(1, 5051))
+    await pub.publish("big.s", "after")
+    (after,) = await sub.take(1)
+    assert after["offset"] == 5051

@@ -377,6 +377,9 @@ class Hub:
         recovers again from what it got).
         """
         self._ack(conn, "subscribe", req.topic, req.id, _recovery_fields(recovery))
+        # Held already (a client recovering again)? Live deliveries would overtake
+        # the replay: the subscription rejoins after the last page instead.
+        self.router.unsubscribe(conn, req.topic)
         task = asyncio.get_running_loop().create_task(self._replay(conn, req, recovery))
         self._replays.setdefault(conn, {})[req.topic] = task
 
@@ -410,10 +413,16 @@ class Hub:
                             self._subscribe(conn, req)
                         except ProtocolError as err:
                             self._send_error(conn, err)
+                            return
+                        if self.events.has("subscribe"):
+                            self.events.emit("subscribe", req.topic, conn.client_id)
                         return
                 await self._drained(conn)
                 if conn.closing:
                     return
+        except Exception:
+            log.exception("internal error replaying history to %s", conn.client_id)
+            conn.fail(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             replays = self._replays.get(conn)
             if replays is not None and replays.get(req.topic) is asyncio.current_task():
