@@ -19,7 +19,7 @@ from dwsps.client import Client
 from tests.conftest import ClientFactory, PortFactory, ProcessFactory, ServerFactory
 from tests.support import eventually, scaled
 from tests.test_cli_ops import dwsps, line_of
-from tests.wsclient import RawClient, http_get, http_request, is_delivery
+from tests.wsclient import RawClient, http_get, http_request, is_delivery, is_type
 
 WAIT = scaled(20.0)
 CHAT = ["chat.*:5000:10m"]
@@ -645,3 +645,36 @@ async def test_recovering_a_held_subscription_again_stays_seamless(
     await pub.publish("big.s", "after")
     (after,) = await sub.take(1)
     assert after["offset"] == 5051
+
+
+async def test_several_paged_replays_on_one_connection_take_turns(
+    make_server: ServerFactory, open_client: ClientFactory
+) -> None:
+    """Five big recoveries at once: they share the connection's bound instead of each
+    queueing a page, so the client is not closed as a slow consumer."""
+    srv = await history_server(make_server, history=["big.*:2000"], max_outbound_buffer=256 * 1024)
+    pub = await open_client(srv.url)
+    streams = [f"big.s{i}" for i in range(5)]
+    epoch = (await pub.publish(streams[0], "x" * 100))["epoch"]
+    for name in streams:
+        for _ in range(2000 if name != streams[0] else 1999):
+            await pub.send_json({"type": "publish", "topic": name, "message": "x" * 100})
+    await pub.sync()
+    # A client that reads nothing yet: what the server queues stays queued.
+    sub = await RawClient.connect(srv.url, rcvbuf=4096)
+    try:
+        sub.pause_reading()
+        for name in streams:
+            await sub.send_json(
+                {"type": "subscribe", "topic": name, "recover": {"epoch": epoch, "offset": 0}}
+            )
+        await eventually(lambda: srv.stats.recoveries_ok == 5, "the five recoveries")
+        sub.resume_reading()
+        got = await sub.take(10_000, within=WAIT)
+    finally:
+        await sub.dispose()
+    for name in streams:
+        assert offsets([d for d in got if d["stream"] == name]) == list(range(1, 2001))
+    assert srv.stats.slow_consumers == 0
+    acks = sub.take_all(is_type("ack"))
+    assert [a["recovered"] for a in acks] == [True] * 5

@@ -396,6 +396,11 @@ class Hub:
         pubs, done, offset = recovery.publications, 0, recovery.offset
         try:
             while True:
+                # Checked before every page, so that several replays on one
+                # connection take turns instead of queueing a page each at once.
+                await self._drained(conn)
+                if conn.closing:
+                    return
                 budget = self._page_bytes
                 while done < len(pubs) and budget > 0:
                     budget -= self._send_replay(conn, req.topic, pubs[done : done + 256])
@@ -417,9 +422,6 @@ class Hub:
                         if self.events.has("subscribe"):
                             self.events.emit("subscribe", req.topic, conn.client_id)
                         return
-                await self._drained(conn)
-                if conn.closing:
-                    return
         except Exception:
             log.exception("internal error replaying history to %s", conn.client_id)
             conn.fail(CloseCode.INTERNAL_ERROR, "internal error")
@@ -431,8 +433,8 @@ class Hub:
                     del self._replays[conn]
 
     async def _drained(self, conn: Connection) -> None:
-        """Return once ``conn`` has less than a page queued (or is closing)."""
-        await asyncio.sleep(0)  # the page goes out at the end of this turn
+        """Return once ``conn`` has at most a page queued (or is closing)."""
+        await asyncio.sleep(0)  # what was queued goes out at the end of this turn
         # Polled rather than signalled: the connection's write path stays as it is
         # (no per-write hook), and only a replaying connection pays for the check.
         while conn.queued_bytes > self._page_bytes and not conn.closing:  # noqa: ASYNC110
