@@ -108,6 +108,17 @@ BAD = [  # (flags, the setting named, the problem); {d} is the folder of the PEM
         "unknown scheme 'nats' in nats://bus:4222; known: memory, redis, rediss",
     ),
     (
+        "--history chat.*:lots",
+        "history (--history)",
+        "pattern 'chat.*:lots': size 'lots' is not a whole number >= 1",
+    ),
+    (
+        "--history chat.*:10 --history chat.vip.*:5",
+        "history (--history)",
+        "pattern 'chat.vip.*' is never used: 'chat.*' comes first and matches every topic it"
+        " does (list the more specific pattern first)",
+    ),
+    (
         "--backplane redis://cache:port",
         "backplane (--backplane)",
         "redis://cache:port: Port could not be cast to integer value as 'port'",
@@ -173,3 +184,20 @@ def test_good_configurations_pass(pems: Path) -> None:
 def test_the_error_is_a_config_error_without_secrets() -> None:
     with pytest.raises(ConfigError, match=r"^peers \(--peer\): ws://u:\*\*\*@:1 has no host$"):
         check_startup(ServerConfig(peers=["ws://u:hunter2@:1"]))
+
+
+def test_history_from_toml_and_the_environment(tmp_path: Path) -> None:
+    from dwsps.config import load_config
+
+    toml = tmp_path / "dwsps.toml"
+    toml.write_text('history = ["chat.*:1000:10m", "audit:50"]\nhistory_max_bytes = "2MiB"\n')
+    config = load_config(toml)
+    assert config.history == ["chat.*:1000:10m", "audit:50"]
+    assert config.history_max_bytes == 2 * 1024 * 1024
+    check_startup(config)
+    env = load_config(environ={"DWSPS_HISTORY": "chat.*:10,news:5:1h"})
+    assert env.history == ["chat.*:10", "news:5:1h"]
+    with pytest.raises(ConfigError, match=r"^history \(--history\): pattern 'news\.\.x:5'"):
+        check_startup(ServerConfig(history=["news..x:5"]))
+    with pytest.raises(ConfigError, match=r"^history_max_bytes \(--history-max-bytes\): "):
+        check_startup(ServerConfig(history=["a:1"], history_max_bytes=0))

@@ -7,7 +7,8 @@ delivery, peers and backplane, counters, the ``publish`` event), with the same
 topic rules and error codes.
 
 ``POST /api/publish``
-    ``{"topic": …, "message": …}`` → 200 ``{"deliveries": N}``; or a JSON array
+    ``{"topic": …, "message": …}`` → 200 ``{"deliveries": N}`` (plus ``stream``,
+    ``offset``, ``epoch`` when the topic has history); or a JSON array
     of such objects → 200 ``{"published": n, "deliveries": N}``. Every item is
     validated before any is published; a bad one → 400 ``{"error", "detail",
     "index"}``. A body over the frame size limit → 413 (the listener).
@@ -33,7 +34,7 @@ from dwsps.http import (
     unauthorized,
 )
 from dwsps.hub import Hub
-from dwsps.messages import Publish, request_from_object
+from dwsps.messages import Publish, position_fields, request_from_object
 
 MAX_BATCH = 1000
 """Most publishes in one ``POST /api/publish`` array."""
@@ -75,7 +76,10 @@ class HttpApi:
         deliveries = sum(self._hub.route(pub, "http") for pub in pubs)
         if isinstance(body, list):
             return json_response({"published": len(pubs), "deliveries": deliveries})
-        return json_response({"deliveries": deliveries})
+        reply: dict[str, Any] = {"deliveries": deliveries}
+        if pubs[0].position is not None:
+            reply.update(position_fields(pubs[0].position))
+        return json_response(reply)
 
     def _parse(self, item: object) -> Publish:
         if not isinstance(item, dict):

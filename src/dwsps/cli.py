@@ -11,7 +11,8 @@ one JSON object per line (:mod:`dwsps.logs`).
 
 ``dwsps pub`` publishes one message (an argument, or stdin with ``-``) or, with
 ``--lines``, each line of stdin as it arrives. ``dwsps sub`` prints deliveries
-and says on stderr when it lost the connection and when it is back.
+and says on stderr when it lost the connection, when it is back, and when
+messages published meanwhile could not be recovered (history).
 ``dwsps stat`` is :mod:`dwsps.stat`. ``pub`` and ``sub`` (and ``bench``) present a
 token from ``--token``, ``--token-file`` or ``$DWSPS_TOKEN``; ``dwsps token``
 signs one for testing (both in :mod:`dwsps.tokens`).
@@ -303,8 +304,17 @@ def _report_connection(client: Client, command: str) -> Callable[[], None]:
         if not quiet:
             _say(command, f"reconnected to {client.display_url}")
 
+    def recovery(topic: str, recovered: bool, reply: dict[str, Any]) -> None:
+        if not recovered and not quiet:
+            _say(
+                command,
+                f"messages published to {topic} while disconnected could not be recovered"
+                " (the server's history of it was lost or no longer reaches back)",
+            )
+
     client.on("disconnect", lost)
     client.on("reconnect", back)
+    client.on("recovery", recovery)
     return lambda: quiet.append(True)
 
 

@@ -43,6 +43,17 @@ Authentication
     request so an open connection outlives its token's ``exp``; the latest
     token is the one every reconnection presents. A refused upgrade (HTTP 401,
     403, 429, 503) is reported with the server's one-line reason.
+
+Recovery (history)
+    On a server that keeps history, a subscription that lies inside one
+    stream is acked with the stream's ``epoch`` and ``offset``; the client
+    remembers them and moves them on with every delivery. When it reconnects
+    it resubscribes with ``recover``, so the server replays what was published
+    meanwhile before live deliveries resume. Whether that worked is on the
+    :class:`Subscription` (``recovered``) and in the ``recovery(topic,
+    recovered, reply)`` event, emitted before any replayed delivery: ``False``
+    means messages were lost (the server restarted, or its history no longer
+    reaches back), and the position starts afresh from the ack's.
 """
 
 from __future__ import annotations
@@ -71,6 +82,7 @@ from dwsps.errors import (
     ConnectionClosed,
     ConnectionLost,
     ErrorCode,
+    InvalidMessageError,
     InvalidTopicError,
     RequestError,
     TopicError,
@@ -91,7 +103,16 @@ Handler = Callable[[Message], Any]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-CLIENT_EVENTS: Final = ("open", "message", "ack", "error", "disconnect", "close", "reconnect")
+CLIENT_EVENTS: Final = (
+    "open",
+    "message",
+    "ack",
+    "error",
+    "disconnect",
+    "close",
+    "reconnect",
+    "recovery",
+)
 
 NO_RECONNECT_CODES: Final = frozenset(
     {
@@ -121,7 +142,31 @@ class _Pending:
     action: str
     topic: str
     future: asyncio.Future[Message]
-    on_ack: Callable[[], None] | None
+    on_ack: Callable[[Message], None] | None
+
+
+@dataclass(slots=True)
+class Subscription:
+    """A subscription this client holds, and where it is in its history stream."""
+
+    topic: str
+    handler: Handler | None = None
+    stream: str | None = None
+    """The history stream it lies in, when the server keeps one (from the ack)."""
+    epoch: str | None = None
+    offset: int | None = None
+    """The last position received: the next recovery replays what came after it."""
+    recovered: bool | None = None
+    """After the last reconnect: True when everything missed was replayed, False
+    when messages were lost; None before any reconnect, or without history."""
+
+    def take_position(self, reply: Message) -> None:
+        """Take the ``stream``/``epoch``/``offset`` of an ack (none: not recoverable)."""
+        stream, epoch, offset = reply.get("stream"), reply.get("epoch"), reply.get("offset")
+        if isinstance(stream, str) and isinstance(epoch, str) and type(offset) is int:
+            self.stream, self.epoch, self.offset = stream, epoch, offset
+        else:
+            self.stream = self.epoch = self.offset = None
 
 
 class Client:
@@ -204,7 +249,7 @@ class Client:
         self._token = token or None
         self._limits = topic_limits or _NO_LIMITS
         self._clock = Clock()
-        self._subscriptions: dict[str, Handler | None] = {}
+        self._subscriptions: dict[str, Subscription] = {}
         self._inflight: dict[int, _Pending] = {}
         self._next_id = 0
         self._ws: ClientConnection | None = None
@@ -259,6 +304,10 @@ class Client:
         """The topics this client holds (acknowledged subscriptions)."""
         return tuple(self._subscriptions)
 
+    def subscription(self, topic: str) -> Subscription | None:
+        """The held subscription ``topic`` (its position and ``recovered`` flag), if any."""
+        return self._subscriptions.get(topic)
+
     @overload
     def on(self, event: str, handler: F) -> F: ...
     @overload
@@ -269,8 +318,11 @@ class Client:
         Events: ``open()`` (each WebSocket connection, reconnections included),
         ``message(delivery)``, ``ack(reply)``, ``error(reply)``,
         ``disconnect(code, reason)`` (each connection that ends),
-        ``reconnect()`` (reconnected and resubscribed) and ``close(code, reason)``
-        (once: the client is closed for good). Handlers may be sync or async.
+        ``reconnect()`` (reconnected and resubscribed), ``recovery(topic,
+        recovered, reply)`` (a subscription with history was resubscribed:
+        ``recovered`` False means messages published meanwhile are lost) and
+        ``close(code, reason)`` (once: the client is closed for good).
+        Handlers may be sync or async.
         """
         result: F | Callable[[F], F] = self.events.on(event, handler)
         return result
@@ -357,10 +409,14 @@ class Client:
         """
         self._check_topic(topic, "subscribe")
 
-        def held() -> None:
+        def held(reply: Message) -> None:
             # Runs in the reader as the ack arrives, before any delivery that follows it.
-            if handler is not None or topic not in self._subscriptions:
-                self._subscriptions[topic] = handler
+            sub = self._subscriptions.get(topic)
+            if sub is None:
+                sub = self._subscriptions[topic] = Subscription(topic, handler)
+            elif handler is not None:
+                sub.handler = handler
+            sub.take_position(reply)
 
         return await self._request("subscribe", topic, None, held)
 
@@ -368,7 +424,7 @@ class Client:
         """Remove exactly the subscription ``topic`` (and its handler); return the ack."""
         self._check_topic(topic, "unsubscribe")
 
-        def released() -> None:
+        def released(reply: Message) -> None:
             self._subscriptions.pop(topic, None)
 
         return await self._request("unsubscribe", topic, None, released)
@@ -399,6 +455,22 @@ class Client:
         self._token = token
         return await self._request("auth", "", None, None, {"token": token})
 
+    async def history(
+        self, topic: str, limit: int = 100, since: tuple[str, int] | None = None
+    ) -> Message:
+        """The latest kept publications of ``topic`` (at most ``limit``, oldest first).
+
+        Returns the server's ``history`` reply: ``epoch``, ``offset`` and
+        ``publications`` (deliveries). With ``since=(epoch, offset)``, only those
+        after it. Raises like :meth:`subscribe` (``invalid_message`` when the
+        server keeps no history for ``topic``).
+        """
+        self._check_topic(topic, "history")
+        fields: Message = {"limit": limit}
+        if since is not None:
+            fields["since"] = {"epoch": since[0], "offset": since[1]}
+        return await self._request("history", topic, None, None, fields)
+
     def _check_topic(self, topic: str, action: str) -> None:
         try:
             validate(topic, subscription=action != "publish", limits=self._limits)
@@ -418,7 +490,7 @@ class Client:
         action: str,
         topic: str,
         message: Any,
-        on_ack: Callable[[], None] | None,
+        on_ack: Callable[[Message], None] | None,
         fields: Message | None = None,
     ) -> Message:
         if not self._started:
@@ -455,10 +527,13 @@ class Client:
         action: str,
         topic: str,
         message: Any,
-        on_ack: Callable[[], None] | None,
+        on_ack: Callable[[Message], None] | None,
         fields: Message | None = None,
     ) -> Message:
-        """Send one request on ``ws`` and await its reply; raise _Lost if ``ws`` goes."""
+        """Send one request on ``ws`` and await its reply; raise _Lost if ``ws`` goes.
+
+        ``fields`` are added to the request (``recover``, ``limit``, ...).
+        """
         if ws is not self._ws:
             raise _Lost("unsent")
         self._next_id += 1
@@ -575,7 +650,11 @@ class Client:
             pending = self._take_pending(msg)
             if pending is not None:
                 if pending.on_ack is not None:
-                    pending.on_ack()
+                    pending.on_ack(msg)
+                pending.future.set_result(msg)
+        elif kind == "history":
+            pending = self._take_pending(msg)
+            if pending is not None:
                 pending.future.set_result(msg)
         elif kind == "error":
             self.events.emit("error", msg)
@@ -616,9 +695,14 @@ class Client:
     def _deliver(self, msg: Message) -> None:
         self.events.emit("message", msg)
         context = msg.get("context")
-        handler = self._subscriptions.get(context) if isinstance(context, str) else None
-        if handler is not None:
-            self._call(handler, msg)
+        sub = self._subscriptions.get(context) if isinstance(context, str) else None
+        if sub is not None:
+            if sub.stream is not None and msg.get("stream") == sub.stream:
+                epoch, offset = msg.get("epoch"), msg.get("offset")
+                if isinstance(epoch, str) and type(offset) is int:
+                    sub.epoch, sub.offset = epoch, offset
+            if sub.handler is not None:
+                self._call(sub.handler, msg)
         queue = self._queue
         if queue is not None:
             if len(queue) == queue.maxlen:
@@ -708,21 +792,46 @@ class Client:
             return
 
     async def _resubscribe(self, ws: ClientConnection) -> None:
-        topics = list(self._subscriptions)
-        if not topics:
+        subs = list(self._subscriptions.values())
+        if not subs:
             return
         async with asyncio.timeout(self.request_timeout):
             results = await asyncio.gather(
-                *(self._attempt(ws, "subscribe", t, None, None) for t in topics),
-                return_exceptions=True,
+                *(self._resubscribe_one(ws, sub) for sub in subs), return_exceptions=True
             )
-        for topic, result in zip(topics, results, strict=True):
+        for sub, result in zip(subs, results, strict=True):
             if isinstance(result, RequestError):
                 # The server will not hold it any more (e.g. a lower limit): say so, drop it.
-                log.warning("could not resubscribe to %r: %s", topic, result)
-                self._subscriptions.pop(topic, None)
+                log.warning("could not resubscribe to %r: %s", sub.topic, result)
+                self._subscriptions.pop(sub.topic, None)
             elif isinstance(result, BaseException):
                 raise result
+
+    async def _resubscribe_one(self, ws: ClientConnection, sub: Subscription) -> Message:
+        """Subscribe ``sub`` again, recovering from its position when it has one."""
+        if sub.epoch is None or sub.offset is None:
+            return await self._attempt(ws, "subscribe", sub.topic, None, sub.take_position)
+        recover = {"recover": {"epoch": sub.epoch, "offset": sub.offset}}
+
+        def recovered(reply: Message) -> None:
+            # In the reader, before the replayed deliveries that follow the ack.
+            ok = reply.get("recovered") is True
+            if not ok:
+                sub.take_position(reply)  # start afresh from the server's position
+            sub.recovered = ok
+            self.events.emit("recovery", sub.topic, ok, reply)
+
+        try:
+            return await self._attempt(ws, "subscribe", sub.topic, None, recovered, recover)
+        except InvalidMessageError:
+            # This server keeps no history for it (any more): a plain subscribe,
+            # and whatever was published meanwhile is lost.
+            def plain(reply: Message) -> None:
+                sub.take_position(reply)
+                sub.recovered = False
+                self.events.emit("recovery", sub.topic, False, reply)
+
+            return await self._attempt(ws, "subscribe", sub.topic, None, plain)
 
     def _finish(self, code: int, reason: str) -> None:
         """Close for good: wake every waiter with the news, emit ``close`` once."""
@@ -807,5 +916,6 @@ __all__ = [
     "ConnectionLost",
     "Handler",
     "Message",
+    "Subscription",
     "connect",
 ]

@@ -251,6 +251,21 @@ class ServerConfig:
     backplane: str = setting(
         "memory://", help="memory:// (this server) or redis://...", metavar="URL"
     )
+    history: list[str] = setting(
+        [],
+        help="keep history (offsets, recovery) for topics matching PATTERN, SIZE messages"
+        " per stream, none older than AGE (s, m, h, d); the first matching pattern wins,"
+        " e.g. 'chat.*:1000:10m'",
+        metavar="PATTERN:SIZE[:AGE]",
+        flag="--history",
+    )
+    history_max_bytes: int = setting(
+        64 * MIB,
+        help="bytes all history together may hold; the least recently published streams"
+        " are evicted beyond it",
+        metavar="BYTES",
+        parse=parse_size,
+    )
     max_frame_size: int = setting(
         1 * MIB,
         help="largest incoming message (a frame, or a fragmented message in total)",

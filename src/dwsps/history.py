@@ -440,6 +440,21 @@ class HistoryPage:
     one, so ``publications`` are simply the latest."""
 
 
+def history_store(
+    patterns: Iterable[str],
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    limits: TopicLimits = DEFAULT_LIMITS,
+) -> HistoryStore | None:
+    """The store for configured ``PATTERN:SIZE[:AGE]`` texts; None when there are none.
+
+    Raises :class:`HistoryConfigError` for a bad pattern, order or byte cap.
+    """
+    parsed = [parse_history_pattern(text, limits) for text in patterns]
+    if not parsed:
+        return None
+    return HistoryStore(parsed, max_bytes)
+
+
 class HistoryStore:
     """All streams of one server, bounded by patterns and a server-wide byte cap."""
 
@@ -485,6 +500,18 @@ class HistoryStore:
         found = self.patterns.stream_of(topic)
         if found is None:
             return None
+        return self.append(found, topic, timestamp, message, from_peer, now)
+
+    def append(
+        self,
+        found: tuple[str, HistoryPattern],
+        topic: str,
+        timestamp: str,
+        message: bytes,
+        from_peer: bool,
+        now: float,
+    ) -> Publication:
+        """:meth:`publish` for a topic whose ``patterns.stream_of`` the caller has already."""
         name, pattern = found
         streams = self._streams
         stream = streams.get(name)

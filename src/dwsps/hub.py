@@ -16,13 +16,16 @@ links' :class:`~dwsps.links.LinkHost`; it holds no socket and no listener.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import secrets
 import time
 from collections import Counter
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+import orjson
 
 from dwsps.auth import UNAUTHENTICATED, Authenticator, Identity
 from dwsps.config import ServerConfig
@@ -31,24 +34,31 @@ from dwsps.errors import (
     AuthError,
     CloseCode,
     ErrorCode,
+    HistoryError,
     PermissionDenied,
     ProtocolError,
     SubscriptionLimitError,
 )
 from dwsps.events import Events
 from dwsps.frames import text_frame
+from dwsps.history import HistoryStore, Publication, Recovery, history_store
 from dwsps.limits import ConnectionLimiter, RateLimit, RequestLimiter, Verdict
 from dwsps.links import Link
 from dwsps.messages import (
     Auth,
     Clock,
     DeliveryEncoder,
+    History,
+    Position,
     Publish,
     Subscribe,
     Unsubscribe,
     encode_ack,
     encode_error,
+    encode_history,
+    encode_kept_delivery,
     parse_request,
+    position_fields,
 )
 from dwsps.permissions import UNRESTRICTED, checker_for
 from dwsps.router import Admission, Router
@@ -70,6 +80,13 @@ class ServerStats:
     heartbeat_timeouts: int = 0
     invalid_closes: int = 0
     duplicates_dropped: int = 0
+    recoveries_ok: int = 0
+    """Subscribes with ``recover`` answered ``recovered: true``."""
+    recoveries_failed: int = 0
+    """Subscribes with ``recover`` answered ``recovered: false`` (or cut off mid-replay)."""
+    replayed: int = 0
+    """Publications replayed to recovering subscribers."""
+    history_requests: int = 0
     errors_by_code: Counter[str] = field(default_factory=Counter)
     """``errors_sent`` per error code (the ErrorCode's value)."""
 
@@ -118,6 +135,11 @@ class Hub:
         self._topic_limits = config.topic_limits
         self._writer: Writer | None = None
         self._counter = 0
+        self.history: HistoryStore | None = None
+        """The history streams (None without a history pattern: the publish path skips it)."""
+        # Replays too big to queue at once, paged as the connection drains.
+        self._replays: dict[Connection, dict[str, asyncio.Task[None]]] = {}
+        self._page_bytes = max(64 * 1024, config.max_outbound_buffer // 4)
 
     @property
     def server_id(self) -> str:
@@ -130,9 +152,15 @@ class Hub:
         return self._clock
 
     def attach(self, writer: Writer, links: list[Link]) -> None:
-        """Give the hub its write scheduler and its links (the server does this once)."""
+        """Give the hub its write scheduler and its links (the server does this once).
+
+        The history store is made here, after the server checked the
+        configuration, and so is new (a new epoch) every time a server starts.
+        """
         self._writer = writer
         self.links = links
+        config = self.config
+        self.history = history_store(config.history, config.history_max_bytes, config.topic_limits)
 
     def new_connection(
         self, is_peer: bool, identity: Identity = UNAUTHENTICATED, remote: str = ""
@@ -182,6 +210,10 @@ class Hub:
             conn.expiry.cancel()
             conn.expiry = None
         self.router.drop(conn)
+        replays = self._replays.pop(conn, None)
+        if replays:
+            for task in replays.values():
+                task.cancel()
         if self.events.has("disconnect"):
             self._departing = conn
             try:
@@ -205,6 +237,8 @@ class Hub:
                 self._on_unsubscribe(conn, req)
             elif type(req) is Auth:
                 self._on_auth(conn, req)
+            elif type(req) is History:
+                self._on_history(conn, req)
         except ProtocolError as err:
             if err.code is ErrorCode.INVALID_JSON and not _is_utf8(data):
                 conn.fail(CloseCode.INVALID_TEXT, "text frame is not valid UTF-8")
@@ -245,9 +279,14 @@ class Hub:
             conn.fail(CloseCode.POLICY_VIOLATION, "too many invalid requests")
 
     def _ack(
-        self, conn: Connection, action: str, topic: str | None, req_id: str | int | None
+        self,
+        conn: Connection,
+        action: str,
+        topic: str | None,
+        req_id: str | int | None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
-        conn.send(text_frame(encode_ack(action, topic, self._clock.now(), req_id)))
+        conn.send(text_frame(encode_ack(action, topic, self._clock.now(), req_id, extra)))
 
     def _allowed(self, conn: Connection, limiter: RequestLimiter, req: object) -> bool:
         """The rate limit: False (and the refusal sent) when ``req`` is over it."""
@@ -273,6 +312,32 @@ class Hub:
         return self._writer.loop.time()
 
     def _on_subscribe(self, conn: Connection, req: Subscribe) -> None:
+        history = self.history
+        self._cancel_replay(conn, req.topic)
+        extra: dict[str, Any] | None = None
+        recovery: Recovery | None = None
+        if req.recover is not None:
+            recovery = self._recover(conn, req, history)
+            if recovery.publications and _estimate(recovery.publications) > self._page_bytes:
+                self._start_replay(conn, req, recovery)
+                return
+        elif history is not None:
+            # A position even before anything arrives: the client can recover from it.
+            found = history.locate(req.topic)
+            if found is not None:
+                extra = {"stream": found[0], "epoch": found[1], "offset": found[2]}
+        self._subscribe(conn, req)
+        if recovery is not None:
+            # The ack, then the replay, then (later turns) live deliveries: taken in
+            # one synchronous step with the subscription, so no gap and no duplicate.
+            self._ack(conn, "subscribe", req.topic, req.id, _recovery_fields(recovery))
+            self._send_replay(conn, req.topic, recovery.publications)
+        else:
+            self._ack(conn, "subscribe", req.topic, req.id, extra)
+        if self.events.has("subscribe"):
+            self.events.emit("subscribe", req.topic, conn.client_id)
+
+    def _subscribe(self, conn: Connection, req: Subscribe) -> None:
         try:
             self.router.subscribe(conn, req.topic, conn.permissions)
         except PermissionDenied as exc:
@@ -281,11 +346,162 @@ class Hub:
             raise ProtocolError(
                 ErrorCode.TOO_MANY_SUBSCRIPTIONS, str(exc), "subscribe", req.id
             ) from None
-        self._ack(conn, "subscribe", req.topic, req.id)
-        if self.events.has("subscribe"):
-            self.events.emit("subscribe", req.topic, conn.client_id)
+
+    def _recover(self, conn: Connection, req: Subscribe, history: HistoryStore | None) -> Recovery:
+        """The recovery a ``recover`` asks for (counted); ProtocolError when it cannot be."""
+        assert req.recover is not None
+        if history is None:
+            raise ProtocolError(
+                ErrorCode.INVALID_MESSAGE, "no history is kept on this server", "subscribe", req.id
+            )
+        if not conn.permissions.may_subscribe(req.topic):
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN,
+                f"not permitted to subscribe to {req.topic!r}",
+                "subscribe",
+                req.id,
+            )
+        epoch, offset = req.recover
+        try:
+            recovery = history.recover(req.topic, epoch, offset, self._now())
+        except HistoryError as exc:
+            raise ProtocolError(exc.code, exc.detail, "subscribe", req.id) from None
+        if recovery.recovered:
+            self.stats.recoveries_ok += 1
+        else:
+            self.stats.recoveries_failed += 1
+        return recovery
+
+    def _send_replay(self, conn: Connection, context: str, pubs: list[Publication]) -> int:
+        """Queue replayed deliveries of ``pubs`` on ``conn``, as one write; return the bytes."""
+        if not pubs:
+            return 0
+        data = b"".join(
+            [
+                text_frame(
+                    encode_kept_delivery(
+                        pub.topic, context, pub.timestamp, pub.message, pub.from_peer, pub, True
+                    )
+                )
+                for pub in pubs
+            ]
+        )
+        conn.send(data)
+        self.stats.replayed += len(pubs)
+        return len(data)
+
+    # -- paged replays ----------------------------------------------------
+
+    def _start_replay(self, conn: Connection, req: Subscribe, recovery: Recovery) -> None:
+        """A replay bigger than a page: ack now, page it as ``conn`` drains, subscribe last.
+
+        The subscription joins the router only in the step that queues the last
+        page, so live deliveries follow the replay with no gap and no duplicate;
+        a client too slow for the history's bound is closed with 1013 (it then
+        recovers again from what it got).
+        """
+        self._ack(conn, "subscribe", req.topic, req.id, _recovery_fields(recovery))
+        # Held already (a client recovering again)? Live deliveries would overtake
+        # the replay: the subscription rejoins after the last page instead.
+        self.router.unsubscribe(conn, req.topic)
+        task = asyncio.get_running_loop().create_task(self._replay(conn, req, recovery))
+        self._replays.setdefault(conn, {})[req.topic] = task
+
+    def _cancel_replay(self, conn: Connection, topic: str) -> None:
+        replays = self._replays.get(conn)
+        if replays is not None:
+            task = replays.pop(topic, None)
+            if task is not None:
+                task.cancel()
+
+    async def _replay(self, conn: Connection, req: Subscribe, recovery: Recovery) -> None:
+        history = self.history
+        assert history is not None
+        pubs, done, offset = recovery.publications, 0, recovery.offset
+        try:
+            while True:
+                # Checked before every page, so that several replays on one
+                # connection take turns instead of queueing a page each at once.
+                await self._drained(conn)
+                if conn.closing:
+                    return
+                budget = self._page_bytes
+                while done < len(pubs) and budget > 0:
+                    budget -= self._send_replay(conn, req.topic, pubs[done : done + 256])
+                    done += 256
+                if done >= len(pubs):
+                    more = history.recover(req.topic, recovery.epoch, offset, self._now())
+                    if not more.recovered:
+                        self.stats.recoveries_failed += 1
+                        conn.fail(CloseCode.TRY_AGAIN_LATER, "recovery fell behind the history")
+                        return
+                    pubs, done, offset = more.publications, 0, more.offset
+                    if _estimate(pubs) <= self._page_bytes:
+                        self._send_replay(conn, req.topic, pubs)
+                        try:
+                            self._subscribe(conn, req)
+                        except ProtocolError as err:
+                            self._send_error(conn, err)
+                            return
+                        if self.events.has("subscribe"):
+                            self.events.emit("subscribe", req.topic, conn.client_id)
+                        return
+        except Exception:
+            log.exception("internal error replaying history to %s", conn.client_id)
+            conn.fail(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            replays = self._replays.get(conn)
+            if replays is not None and replays.get(req.topic) is asyncio.current_task():
+                del replays[req.topic]
+                if not replays:
+                    del self._replays[conn]
+
+    async def _drained(self, conn: Connection) -> None:
+        """Return once ``conn`` has at most a page queued (or is closing)."""
+        await asyncio.sleep(0)  # what was queued goes out at the end of this turn
+        # Polled rather than signalled: the connection's write path stays as it is
+        # (no per-write hook), and only a replaying connection pays for the check.
+        while conn.queued_bytes > self._page_bytes and not conn.closing:  # noqa: ASYNC110
+            await asyncio.sleep(_DRAIN_POLL)
+
+    def _on_history(self, conn: Connection, req: History) -> None:
+        history = self.history
+        self.stats.history_requests += 1
+        if history is None:
+            raise ProtocolError(
+                ErrorCode.INVALID_MESSAGE, "no history is kept on this server", "history", req.id
+            )
+        if not conn.permissions.may_subscribe(req.topic):
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN, f"not permitted to read {req.topic!r}", "history", req.id
+            )
+        try:
+            page = history.history(req.topic, req.limit, now=self._now(), since=req.since)
+        except HistoryError as exc:
+            raise ProtocolError(exc.code, exc.detail, "history", req.id) from None
+        # The reply is one frame: keep it to half the outbound bound, newest first.
+        budget = self.config.max_outbound_buffer // 2 - 512  # the reply's own fields
+        encoded: list[bytes] = []
+        for pub in reversed(page.publications):
+            item = encode_kept_delivery(
+                pub.topic,
+                req.topic,
+                pub.timestamp,
+                pub.message,
+                pub.from_peer,
+                pub,
+                False,
+            )
+            budget -= len(item) + 1
+            if budget < 0:
+                break
+            encoded.append(item)
+        encoded.reverse()
+        truncated = len(encoded) < len(page.publications)
+        conn.send(text_frame(encode_history(req.topic, page, encoded, req.id, truncated)))
 
     def _on_unsubscribe(self, conn: Connection, req: Unsubscribe) -> None:
+        self._cancel_replay(conn, req.topic)
         self.router.unsubscribe(conn, req.topic)
         self._ack(conn, "unsubscribe", req.topic, req.id)
         if self.events.has("unsubscribe"):
@@ -311,7 +527,9 @@ class Hub:
             except PermissionDenied as exc:
                 raise ProtocolError(ErrorCode.FORBIDDEN, str(exc), "publish", req.id) from None
         self.route(req, conn.client_id)
-        self._ack(conn, "publish", req.topic, req.id)
+        position = req.position
+        extra = None if position is None else position_fields(position)
+        self._ack(conn, "publish", req.topic, req.id, extra)
 
     def _on_auth(self, conn: Connection, req: Auth) -> None:
         try:
@@ -379,6 +597,13 @@ class Hub:
 
         ``extra`` adds fields to the delivery (e.g. how it arrived).
         """
+        history = self.history
+        position = pub.position
+        if history is not None and position is None:
+            # Decided per publish (the stream of a topic is cached): a topic
+            # without history pays nothing per delivery, one with history gets
+            # its fields encoded once, in the shared tail of every delivery.
+            position = self._keep(history, pub)
         router = self.router
         matches = router.match(pub.topic)
         if not matches:
@@ -386,7 +611,12 @@ class Hub:
         writer = self._writer
         assert writer is not None
         encoder = DeliveryEncoder(
-            pub.topic, pub.message, pub.timestamp or self._clock.now(), pub.from_peer, extra
+            pub.topic,
+            pub.message,
+            pub.timestamp or self._clock.now(),
+            pub.from_peer,
+            extra,
+            position,
         )
         count = 0
         for context, subscribers in matches:
@@ -397,6 +627,23 @@ class Hub:
         self.stats.deliveries += count
         writer.schedule()
         return count
+
+    def _keep(self, history: HistoryStore, pub: Publish) -> Position | None:
+        """Append ``pub`` to its stream, if it has one; its message is then encoded once."""
+        found = history.patterns.stream_of(pub.topic)
+        if found is None:
+            return None
+        if pub.timestamp is None:
+            pub.timestamp = self._clock.now()
+        body = orjson.dumps(pub.message)
+        assert self._writer is not None
+        kept = history.append(
+            found, pub.topic, pub.timestamp, body, pub.from_peer, self._writer.loop.time()
+        )
+        # Deliveries and links splice the encoded message in as it is.
+        pub.message = orjson.Fragment(body)
+        pub.position = kept
+        return kept
 
     def emit(self, event: str, *args: Any) -> None:
         """Fire a server event (LinkHost)."""
@@ -413,6 +660,8 @@ class Hub:
 
         Also arms the expiry timers of identities that expire within the horizon.
         """
+        if self.history is not None:
+            self.history.expire(self._now())
         for conn in list(self.connections.values()):
             if not conn.ping():
                 self.stats.heartbeat_timeouts += 1
@@ -431,6 +680,8 @@ class Hub:
             "stats": self.stats.as_dict(),
             "peers": [],
         }
+        if self.history is not None:
+            body["history"] = asdict(self.history.stats())
         healthy = True
         for link in self.links:
             body[link.status_key] = link.status()
@@ -439,6 +690,24 @@ class Hub:
         if not healthy:
             body["status"] = "degraded"
         return healthy, body
+
+
+_DRAIN_POLL = 0.002
+"""Seconds between checks of a connection's queue while a paged replay waits on it."""
+
+
+def _estimate(pubs: list[Publication]) -> int:
+    """Roughly the bytes the replayed deliveries of ``pubs`` take (frame, fields, context)."""
+    return sum(len(p.message) + 2 * len(p.topic) for p in pubs) + 200 * len(pubs)
+
+
+def _recovery_fields(recovery: Recovery) -> dict[str, Any]:
+    return {
+        "recovered": recovery.recovered,
+        "stream": recovery.stream,
+        "epoch": recovery.epoch,
+        "offset": recovery.offset,
+    }
 
 
 def _expire(conn: Connection) -> None:

@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import orjson
 
@@ -39,12 +39,28 @@ _TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[
 RequestId = str | int
 
 
+class Position(Protocol):
+    """Where a publication lies in its history stream (extension: history).
+
+    A kept :class:`~dwsps.history.Publication` is one, so the publish path
+    builds no extra object for it.
+    """
+
+    @property
+    def stream(self) -> str: ...
+    @property
+    def epoch(self) -> str: ...
+    @property
+    def offset(self) -> int: ...
+
+
 @dataclass(slots=True)
 class Subscribe:
-    """A ``subscribe`` request."""
+    """A ``subscribe`` request; ``recover`` is ``(epoch, offset)`` to replay from (extension)."""
 
     topic: str
     id: RequestId | None = None
+    recover: tuple[str, int] | None = None
 
 
 @dataclass(slots=True)
@@ -73,6 +89,18 @@ class Publish:
     from_peer: bool = False
     origin: str | None = None
     seq: int | None = None
+    position: Position | None = None
+    """Set once the publish has taken its offset in a history stream."""
+
+
+@dataclass(slots=True)
+class History:
+    """A ``history`` request (extension): the latest kept publications of a topic."""
+
+    topic: str
+    limit: int
+    since: tuple[str, int] | None = None
+    id: RequestId | None = None
 
 
 @dataclass(slots=True)
@@ -83,10 +111,14 @@ class Auth:
     id: RequestId | None = None
 
 
-Request = Subscribe | Unsubscribe | Publish | Auth
+Request = Subscribe | Unsubscribe | Publish | Auth | History
 
 MAX_TOKEN_LENGTH: Final = 8192
-_KNOWN_TYPES: Final = ("subscribe", "unsubscribe", "publish", "auth")
+_KNOWN_TYPES: Final = ("subscribe", "unsubscribe", "publish", "auth", "history")
+MAX_EPOCH_LENGTH: Final = 64
+HISTORY_LIMIT_DEFAULT: Final = 100
+HISTORY_LIMIT_MAX: Final = 1000
+"""A ``history`` request's ``limit`` is capped here (larger values are read as this)."""
 
 
 def parse_request(data: bytes | str, limits: TopicLimits = DEFAULT_LIMITS) -> Request:
@@ -153,7 +185,23 @@ def request_from_object(
             code = ErrorCode.INVALID_MESSAGE
         raise ProtocolError(code, str(exc), kind, req_id) from None
     if kind == "subscribe":
-        return Subscribe(topic, req_id)
+        recover = obj.get("recover")
+        if recover is None:
+            return Subscribe(topic, req_id)
+        return Subscribe(topic, req_id, _position_field(recover, "recover", kind, req_id))
+    if kind == "history":
+        limit = obj.get("limit", HISTORY_LIMIT_DEFAULT)
+        if type(limit) is not int or limit < 0:
+            raise ProtocolError(
+                ErrorCode.INVALID_MESSAGE, "'limit' must be an integer >= 0", kind, req_id
+            )
+        since = obj.get("since")
+        return History(
+            topic,
+            min(limit, HISTORY_LIMIT_MAX),
+            None if since is None else _position_field(since, "since", kind, req_id),
+            req_id,
+        )
     if kind == "unsubscribe":
         return Unsubscribe(topic, req_id)
     message = obj.get("message")
@@ -200,6 +248,28 @@ def _deeper_than(value: Any, limit: int) -> bool:
     return False
 
 
+def _position_field(
+    value: object, name: str, kind: str, req_id: RequestId | None
+) -> tuple[str, int]:
+    """``(epoch, offset)`` from ``{"epoch": str, "offset": int >= 0}``, else invalid_message."""
+    if isinstance(value, dict):
+        epoch, offset = value.get("epoch"), value.get("offset")
+        if (
+            isinstance(epoch, str)
+            and 0 < len(epoch) <= MAX_EPOCH_LENGTH
+            and type(offset) is int
+            and offset >= 0
+        ):
+            return epoch, offset
+    raise ProtocolError(
+        ErrorCode.INVALID_MESSAGE,
+        f'{name!r} must be {{"epoch": a string of 1 to {MAX_EPOCH_LENGTH} characters,'
+        ' "offset": an integer >= 0}',
+        kind,
+        req_id,
+    )
+
+
 def _valid_timestamp(ts: object) -> str | None:
     """``ts`` if it is an ISO 8601 date-time that exists on the calendar, else None."""
     if not isinstance(ts, str) or not _TIMESTAMP.match(ts):
@@ -231,14 +301,93 @@ class Clock:
         return self._text
 
 
-def encode_ack(action: str, topic: str | None, timestamp: str, req_id: RequestId | None) -> bytes:
-    """An ``ack`` reply (``topic`` is None for requests without one, e.g. ``auth``)."""
+def encode_ack(
+    action: str,
+    topic: str | None,
+    timestamp: str,
+    req_id: RequestId | None,
+    extra: dict[str, Any] | None = None,
+) -> bytes:
+    """An ``ack`` reply (``topic`` is None for requests without one, e.g. ``auth``).
+
+    ``extra`` adds fields (a history stream's ``stream``, ``epoch``, ``offset``).
+    """
     reply: dict[str, Any] = {"type": "ack", "action": action, "timestamp": timestamp}
     if topic is not None:
         reply["topic"] = topic
     if req_id is not None:
         reply["id"] = req_id
+    if extra:
+        reply.update(extra)
     return orjson.dumps(reply)
+
+
+def position_fields(position: Position) -> dict[str, Any]:
+    """The wire fields of a history position, as deliveries and acks carry them."""
+    return {"stream": position.stream, "offset": position.offset, "epoch": position.epoch}
+
+
+def encode_kept_delivery(
+    topic: str,
+    context: str,
+    timestamp: str,
+    message: bytes,
+    from_peer: bool,
+    position: Position,
+    recovered: bool,
+) -> bytes:
+    """The delivery of a kept publication (``message`` is its JSON, kept encoded).
+
+    The same fields as a live delivery (:class:`DeliveryEncoder` with
+    :func:`position_fields`), plus ``"recovered": true`` for a replay.
+    """
+    dumps = orjson.dumps
+    out = (
+        b'{"type":"publish","timestamp":'
+        + dumps(timestamp)
+        + b',"topic":'
+        + dumps(topic)
+        + b',"context":'
+        + dumps(context)
+        + b',"message":'
+        + message
+    )
+    if from_peer:
+        out += b',"fromPeerServer":true'
+    out += _position_bytes(position)
+    return out + (b',"recovered":true}' if recovered else b"}")
+
+
+def _position_bytes(position: Position) -> bytes:
+    dumps = orjson.dumps
+    return b',"stream":%b,"offset":%d,"epoch":%b' % (
+        dumps(position.stream),
+        position.offset,
+        dumps(position.epoch),
+    )
+
+
+def encode_history(
+    topic: str,
+    position: Position,
+    publications: list[bytes],
+    req_id: RequestId | None,
+    truncated: bool,
+) -> bytes:
+    """The reply to a ``history`` request; ``publications`` are encoded deliveries."""
+    head: dict[str, Any] = {
+        "type": "history",
+        "topic": topic,
+        "stream": position.stream,
+        "epoch": position.epoch,
+        "offset": position.offset,
+    }
+    if req_id is not None:
+        head["id"] = req_id
+    if truncated:
+        head["truncated"] = True
+    # The deliveries are encoded already: splice them in rather than decode them.
+    return orjson.dumps(head)[:-1] + b',"publications":[' + b",".join(publications) + b"]}"
 
 
 def encode_error(err: ProtocolError, timestamp: str) -> bytes:
@@ -272,6 +421,7 @@ class DeliveryEncoder:
         timestamp: str,
         from_peer: bool,
         extra: dict[str, Any] | None = None,
+        position: Position | None = None,
     ) -> None:
         dumps = orjson.dumps
         self._head = (
@@ -286,6 +436,8 @@ class DeliveryEncoder:
             tail += b',"fromPeerServer":true'
         if extra:
             tail += b"," + dumps(extra)[1:-1]
+        if position is not None:
+            tail += _position_bytes(position)
         self._tail = tail + b"}"
 
     def encode(self, context: str) -> bytes:

@@ -28,6 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from dwsps.errors import ErrorCode
+from dwsps.history import HistoryStore
 from dwsps.http import HttpRequest, HttpResponse
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
@@ -72,11 +73,21 @@ class Counters(Protocol):
     def invalid_closes(self) -> int: ...
     @property
     def duplicates_dropped(self) -> int: ...
+    @property
+    def recoveries_ok(self) -> int: ...
+    @property
+    def recoveries_failed(self) -> int: ...
+    @property
+    def replayed(self) -> int: ...
+    @property
+    def history_requests(self) -> int: ...
 
 
 class _Routes(Protocol):
     @property
     def router(self) -> Sized: ...
+    @property
+    def history(self) -> HistoryStore | None: ...
 
 
 class _StatusLink(Protocol):
@@ -135,6 +146,41 @@ _SERVER_COUNTERS: Final = (
         "dwsps_duplicates_dropped",
         "duplicates_dropped",
         "publishes dropped as copies of one already delivered (peer resends, backplane echoes)",
+    ),
+    (
+        "dwsps_history_recoveries_ok",
+        "recoveries_ok",
+        "subscribes with recover answered recovered: true",
+    ),
+    (
+        "dwsps_history_recoveries_failed",
+        "recoveries_failed",
+        "subscribes with recover answered recovered: false (history lost), or cut off"
+        " because the client fell behind the history during the replay",
+    ),
+    ("dwsps_history_replayed", "replayed", "publications replayed to recovering subscribers"),
+    ("dwsps_history_requests", "history_requests", "history requests received"),
+)
+
+# (metric name, HistoryStats field, help): gauges, then counters (without _total)
+_HISTORY_GAUGES: Final = (
+    ("dwsps_history_streams", "streams", "history streams held in memory"),
+    ("dwsps_history_publications", "publications", "publications kept in history"),
+    ("dwsps_history_bytes", "bytes", "bytes accounted for history (bound: history_max_bytes)"),
+)
+_HISTORY_COUNTERS: Final = (
+    ("dwsps_history_published", "published", "publications appended to history streams"),
+    ("dwsps_history_trimmed_by_size", "trimmed_by_size", "publications dropped by a stream's size"),
+    ("dwsps_history_expired_by_age", "expired_by_age", "publications dropped by a stream's age"),
+    (
+        "dwsps_history_trimmed_by_bytes",
+        "trimmed_by_bytes",
+        "publications dropped from the stream just published to, to stay under the byte cap",
+    ),
+    (
+        "dwsps_history_evicted_streams",
+        "evicted_streams",
+        "whole streams evicted (least recently published first) to stay under the byte cap",
     ),
 )
 
@@ -221,6 +267,13 @@ class ServerCollector(Collector):
             yield CounterMetricFamily(name, help_text, value=getattr(stats, field))
         yield _errors(stats.errors_by_code)
         yield from _peers(server.peer_status())
+        history = server.hub.history
+        if history is not None:
+            kept = history.stats()
+            for name, field, help_text in _HISTORY_GAUGES:
+                yield GaugeMetricFamily(name, help_text, value=getattr(kept, field))
+            for name, field, help_text in _HISTORY_COUNTERS:
+                yield CounterMetricFamily(name, help_text, value=getattr(kept, field))
         backplane = server.backplane
         if backplane is not None:
             yield from _backplane(backplane.status(), backplane.healthy)

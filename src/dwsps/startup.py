@@ -19,7 +19,8 @@ from typing import Final, NoReturn
 from urllib.parse import urlsplit
 
 from dwsps.config import BY_NAME, ServerConfig
-from dwsps.errors import ConfigError
+from dwsps.errors import ConfigError, HistoryConfigError
+from dwsps.history import history_store
 from dwsps.links.backplane import BackplaneOptions, create_backplane
 from dwsps.redact import redact
 
@@ -34,6 +35,7 @@ def check_startup(config: ServerConfig) -> None:
     for url in config.peers:
         _check_peer(url)
     _check_backplane(config)
+    _check_history(config)
 
 
 def setting_name(name: str) -> str:
@@ -121,3 +123,15 @@ def _check_backplane(config: ServerConfig) -> None:
         _fail("backplane", str(exc).removeprefix("backplane: "))
     except ValueError as exc:
         _fail("backplane", f"{redact(url)}: {exc}")
+
+
+# -- history -----------------------------------------------------------------------------
+
+
+def _check_history(config: ServerConfig) -> None:
+    if config.history_max_bytes < 1:
+        _fail("history_max_bytes", f"must be at least 1, got {config.history_max_bytes}")
+    try:
+        history_store(config.history, config.history_max_bytes, config.topic_limits)
+    except HistoryConfigError as exc:
+        _fail("history", str(exc).removeprefix("history "))
