@@ -72,11 +72,17 @@ class Counters(Protocol):
     def invalid_closes(self) -> int: ...
     @property
     def duplicates_dropped(self) -> int: ...
+    @property
+    def framing_errors(self) -> int: ...
+    @property
+    def amplification_closes(self) -> int: ...
 
 
 class _Routes(Protocol):
     @property
     def router(self) -> Sized: ...
+    @property
+    def buffered_bytes(self) -> int: ...
 
 
 class _StatusLink(Protocol):
@@ -135,6 +141,16 @@ _SERVER_COUNTERS: Final = (
         "dwsps_duplicates_dropped",
         "duplicates_dropped",
         "publishes dropped as copies of one already delivered (peer resends, backplane echoes)",
+    ),
+    (
+        "dwsps_framing_errors",
+        "framing_errors",
+        "connections failed for breaking WebSocket framing (RFC 6455)",
+    ),
+    (
+        "dwsps_amplification_closes",
+        "amplification_closes",
+        "connections closed with 1008 for more subscriptions matching one publish than allowed",
     ),
 )
 
@@ -215,6 +231,11 @@ class ServerCollector(Collector):
             "dwsps_subscriptions",
             "subscriptions held by local clients",
             value=len(server.hub.router),
+        )
+        yield GaugeMetricFamily(
+            "dwsps_buffered_bytes",
+            "data held for connections: backlogs, stalled transports, partial messages",
+            value=server.hub.buffered_bytes,
         )
         stats = server.stats
         for name, field, help_text in _SERVER_COUNTERS:
