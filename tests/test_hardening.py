@@ -341,13 +341,17 @@ async def test_valid_close_codes_are_echoed(
     assert await c.wait_closed() == code
 
 
-@pytest.mark.parametrize("version", ["1.0", "1.1"])
-async def test_an_upgrade_without_host_gets_400(server: Server, version: str) -> None:
+@pytest.mark.parametrize(
+    "request_line",
+    ["GET / HTTP/1.1\r\nHost:", "GET / HTTP/1.1", "GET / HTTP/1.0"],
+    ids=["empty Host", "no Host", "HTTP/1.0"],
+)
+async def test_an_upgrade_without_host_gets_400(server: Server, request_line: str) -> None:
     reader, writer = await open_socket(server.url)
     try:
         writer.write(
             (
-                f"GET / HTTP/{version}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"{request_line}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                 "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
             ).encode()
         )

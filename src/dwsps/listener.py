@@ -13,7 +13,7 @@ it, bounded in size and time) and then does one of two things:
   lingering close). The fast path pays nothing more for the front door.
 
 An upgrade must be a WebSocket opening handshake as RFC 6455 4.1 has it:
-HTTP/1.1 with a ``Host`` header, or it gets 400.
+HTTP/1.1 with a non-empty ``Host`` header, or it gets 400.
 
 :class:`PicowsLog` is the logger picows gets: a client's framing error is
 the client's fault, not the server's, so it is counted and logged at debug
@@ -224,8 +224,8 @@ class FrontDoor(asyncio.Protocol):
     # -- upgrades ---------------------------------------------------------
 
     def _upgrade(self, event: h11.Request) -> None:
-        if event.http_version != b"1.1" or _header(event, b"host") is None:
-            # RFC 6455 4.1 (h11 itself insists on Host only for HTTP/1.1).
+        if event.http_version != b"1.1" or not _header(event, b"host"):
+            # RFC 6455 4.1 (h11 lets an empty Host through, and HTTP/1.0 without one).
             self._answer(text_response(400, "a WebSocket upgrade needs HTTP/1.1 and a Host header"))
             return
         self._done = True
