@@ -222,6 +222,31 @@ async def test_partial_fragmented_messages_time_out_and_their_memory_returns(
         await asyncio.gather(*(c.dispose() for c in clients))
 
 
+async def test_read_buffers_shrink_after_large_messages(
+    serve_process: ProcessFactory,
+) -> None:
+    server = await serve_process("--heartbeat-interval", "0")
+    n = 300
+    clients = await asyncio.gather(*(RawClient.connect(server.url) for _ in range(n)))
+    try:
+        baseline = proc_status(server.pid, "VmRSS")
+        big = {"type": "publish", "topic": "nobody", "message": "x" * 1_000_000, "id": 1}
+        for c in clients:  # one at a time: the peak stays low, what remains is retained
+            await c.send_json(big)
+            assert (await c.next_message(is_type("ack"), within=scaled(10)))["id"] == 1
+        after = proc_status(server.pid, "VmRSS")
+        assert after - baseline < 40 * 1024 * 1024, (
+            f"RSS {baseline / 2**20:.0f} -> {after / 2**20:.0f} MiB: {n} idle connections"
+            " that once sent 1 MB each"
+        )
+        # And they still work.
+        await clients[0].subscribe("still")
+        await clients[1].publish("still", "here")
+        assert (await clients[0].next_message(is_delivery("still")))["message"] == "here"
+    finally:
+        await asyncio.gather(*(c.dispose() for c in clients))
+
+
 async def _buffered(url: str, at_most: int) -> bool:
     return bool((await health(url))["buffered_bytes"] <= at_most)
 

@@ -58,6 +58,9 @@ log = logging.getLogger("dwsps.server")
 
 # Close codes by number, as picows wants them.
 _WS_CLOSE: dict[int, WSCloseCode] = {c.value: c for c in WSCloseCode}
+_RENEW_AFTER = 64 * 1024
+"""A frame at least this large makes the stream renew picows (and its read buffer) after it."""
+
 # RFC 6455 7.4: codes a peer may send (1004-1006 and 1015 are never sent; 1016-2999
 # are unassigned; 3000-4999 are for libraries and applications).
 _VALID_CLOSE = frozenset((1000, 1001, 1002, 1003, *range(1007, 1015), *range(3000, 5000)))
@@ -226,6 +229,7 @@ class Connection(WSListener):
         "frag",
         "frag_binary",
         "frag_timer",
+        "grown",
         "held",
         "host",
         "identity",
@@ -276,6 +280,7 @@ class Connection(WSListener):
         self.frag_binary = False
         self.frag_timer: asyncio.TimerHandle | None = None
         self.awaiting_pong = False
+        self.grown = False
         self.invalid_streak = 0
         self.closing = False
 
@@ -303,6 +308,12 @@ class Connection(WSListener):
     # -- picows callbacks -------------------------------------------------
 
     def on_ws_connected(self, transport: WSTransport) -> None:
+        if self.transport is not None:
+            # The stream renewed picows (a fresh read buffer): same connection.
+            self.transport = transport
+            _drop_headers(transport.request)
+            _drop_headers(transport.response)
+            return
         self.transport = transport
         stream = transport.underlying_transport
         if isinstance(stream, Stream):
@@ -347,6 +358,11 @@ class Connection(WSListener):
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         msg_type = frame.msg_type
+        if frame.payload_size >= _RENEW_AFTER:
+            self.grown = True  # picows' read buffer grew to hold it
+        if self.grown and frame.last_in_buffer and not frame.tail_size and self.stream:
+            self.grown = False
+            self.stream.renew()  # nothing is buffered after this frame
         if self.closing:
             # Failed or closing: finish the close handshake and act on nothing
             # else (RFC 6455 7.1.7).
@@ -496,21 +512,32 @@ class Connection(WSListener):
             if self.backlog is not None:  # that write filled the transport: it paused
                 self._account()
             return
+        # Paused: the transport's buffer does not grow, only the backlog does.
         backlog.append(data)
-        self.backlog_bytes += len(data)
-        self._account()
+        n = len(data)
+        self.backlog_bytes += n
+        held = self.held + n
+        self.held = held
+        writer = self.writer
+        buffered = writer.buffered + n
+        writer.buffered = buffered
+        if held > self.limits.max_outbound_buffer or buffered > writer.budget:
+            self._slow_consumer()
 
     def _account(self) -> None:
-        """Update what this paused connection holds; close it if that is too much."""
+        """Measure what this paused connection holds; close it if that is too much."""
         raw = self.raw
         held = self.backlog_bytes + (raw.get_write_buffer_size() if raw is not None else 0)
         writer = self.writer
         writer.buffered += held - self.held
         self.held = held
         if held > self.limits.max_outbound_buffer or writer.over_budget:
-            self.host.slow_consumer(self)
-            log.warning("closing slow consumer %s", self.client_id)
-            self.fail(CloseCode.TRY_AGAIN_LATER, "slow consumer: outbound buffer over the limit")
+            self._slow_consumer()
+
+    def _slow_consumer(self) -> None:
+        self.host.slow_consumer(self)
+        log.warning("closing slow consumer %s", self.client_id)
+        self.fail(CloseCode.TRY_AGAIN_LATER, "slow consumer: outbound buffer over the limit")
 
     def _write_out(self) -> None:
         """Write what is queued and the backlog now, paused or not (ahead of a close frame)."""

@@ -267,24 +267,12 @@ class FrontDoor(asyncio.Protocol):
         transport = self._transport
         assert transport is not None
         s = self._settings
-        proto = WSProtocol(
-            None,  # host+port (client side only)
-            None,  # path (client side only)
-            False,  # is_client_side
-            lambda _request: listener,
-            s.logger,
-            True,  # disconnect_on_exception
-            s.handshake_timeout,
-            False,  # enable_auto_ping: the server's own heartbeat pings
-            20.0,
-            20.0,
-            WSAutoPingStrategy.PING_WHEN_IDLE,
-            False,  # enable_auto_pong: Connection answers pings after its RSV check
-            s.max_frame_size,
-            None,  # extra headers
-            2048,  # read_buffer_init_size: idle connections are most of the memory
-        )
-        stream = Stream(transport, proto, s.reader, asyncio.get_running_loop())
+
+        def picows() -> Any:
+            return _picows(s, listener)
+
+        proto = picows()
+        stream = Stream(transport, proto, s.reader, asyncio.get_running_loop(), picows)
         transport.set_protocol(stream)
         proto.connection_made(stream)
         data = memoryview(bytes(self._raw))
@@ -321,6 +309,27 @@ class FrontDoor(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _picows(s: ListenerSettings, listener: WSListener) -> Any:
+    """A server-side picows protocol whose handshake hands over to ``listener``."""
+    return WSProtocol(
+        None,  # host+port (client side only)
+        None,  # path (client side only)
+        False,  # is_client_side
+        lambda _request: listener,
+        s.logger,
+        True,  # disconnect_on_exception
+        s.handshake_timeout,
+        False,  # enable_auto_ping: the server's own heartbeat pings
+        20.0,
+        20.0,
+        WSAutoPingStrategy.PING_WHEN_IDLE,
+        False,  # enable_auto_pong: Connection answers pings after its RSV check
+        s.max_frame_size,
+        None,  # extra headers
+        2048,  # read_buffer_init_size: idle connections are most of the memory
+    )
 
 
 def _encode_response(response: HttpResponse, with_body: bool) -> bytes:

@@ -6,7 +6,10 @@ the system. By default the threshold moves up (to 32 MiB) each time a mapped
 block is freed, so after one burst of large buffers (messages of hundreds of
 KB, a backlog) every later large buffer lives in the heap and the process
 keeps its peak RSS for good. Fixing the threshold keeps large buffers mapped:
-when a burst ends, its memory goes back.
+when a burst ends, its memory goes back. Fixing it also fixes the *trim
+threshold* (free memory at the top of the heap past which glibc shrinks the
+heap), by default at 128 KiB: that would make the heap shrink and grow again
+on every busy loop turn, so it is set well above.
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ import ctypes
 import ctypes.util
 import sys
 
-_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
-LARGE = 128 * 1024
-"""Allocations at least this large get their own mapping (glibc's initial threshold)."""
+_M_TRIM_THRESHOLD = -1  # glibc's malloc.h
+_M_MMAP_THRESHOLD = -3
+LARGE = 256 * 1024
+"""Allocations at least this large get their own mapping."""
+TRIM = 32 * 1024 * 1024
+"""Free memory at the top of the heap that glibc keeps rather than giving it back."""
 
 
-def give_back_large_buffers(threshold: int = LARGE) -> bool:
+def give_back_large_buffers(threshold: int = LARGE, trim: int = TRIM) -> bool:
     """Pin glibc's mmap threshold at ``threshold``; False where that is not possible."""
     if not sys.platform.startswith("linux"):
         return False
@@ -29,6 +35,8 @@ def give_back_large_buffers(threshold: int = LARGE) -> bool:
         return False
     try:
         libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, trim)
+        )
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False

@@ -20,6 +20,14 @@ Writes
     the replies already queued and counted toward the connection's outbound
     bound: no control frame jumps the queue or escapes the bound.
 
+Renewal
+    picows' read buffer grows to hold the largest frame and never shrinks.
+    When a large frame has been taken and picows holds nothing after it
+    (:meth:`renew`, the connection asks), the stream swaps in a fresh picows
+    protocol for the same connection: a canned opening handshake puts it
+    straight into the open state (its 101 reply goes nowhere), and the old
+    protocol goes, with its buffer.
+
 Closing
     ``close()`` does not drop the socket: with unread input the kernel would
     answer with a reset, and the client would lose the replies and the close
@@ -34,6 +42,7 @@ Closing
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, Protocol
 
 READ_SIZE = 64 * 1024
@@ -47,6 +56,11 @@ DRAIN_BYTES = 64 * 1024 * 1024
 LINGER = 2.0
 """Seconds a closing connection waits for the client to finish, at most."""
 
+# What a fresh picows protocol is told, so that it opens without a client.
+_CANNED_UPGRADE = (
+    b"GET / HTTP/1.1\r\nHost: dwsps\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: ZHdzcHMgcmVuZXdhbCAxMg==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
 _CLOSE_FRAME = 0x88  # FIN + opcode 8, the first byte of every close frame picows writes
 
 
@@ -62,6 +76,12 @@ class StreamOwner(Protocol):
 
     def protocol_failed(self, close_frame: bytes) -> None:
         """picows found a framing error and wrote ``close_frame``: finish the connection."""
+
+    def pause_writing(self) -> None:
+        """The transport's buffer is full: hold further data back."""
+
+    def resume_writing(self) -> None:
+        """The transport's buffer drained: write what was held back."""
 
 
 class Picows(Protocol):
@@ -124,9 +144,12 @@ class Stream(asyncio.BufferedProtocol):
     __slots__ = (
         "_drained",
         "_linger",
+        "_make_picows",
         "_parse",
         "_read",
         "_reader",
+        "_renew",
+        "_renewing",
         "loop",
         "owner",
         "proto",
@@ -139,9 +162,13 @@ class Stream(asyncio.BufferedProtocol):
         proto: Picows,
         reader: ReadBuffer,
         loop: asyncio.AbstractEventLoop,
+        make_picows: Callable[[], Picows] | None = None,
     ) -> None:
         self.transport = transport
         self.proto = proto
+        self._make_picows = make_picows
+        self._renew = False
+        self._renewing = False
         self.loop = loop
         self.owner: StreamOwner | None = None
         self._reader = reader
@@ -183,14 +210,37 @@ class Stream(asyncio.BufferedProtocol):
 
     def feed(self, data: memoryview) -> None:
         """Give ``data`` to picows in pieces of at most half its free space."""
-        proto = self.proto
         # After a framing error picows must see nothing more (its parser would go on).
         while data and self._parse:
+            proto = self.proto
             buffer = proto.get_buffer(-1)
             n = min(len(data), max(len(buffer) // 2, 1))
             buffer[:n] = data[:n]
             data = data[n:]
             proto.buffer_updated(n)
+            if self._renew:
+                self._renew_picows()
+
+    def renew(self) -> None:
+        """picows holds nothing after the (large) frame it handed over: renew it after this."""
+        if self._make_picows is not None:
+            self._renew = True
+
+    def _renew_picows(self) -> None:
+        self._renew = False
+        owner = self.owner
+        if owner is None or owner.closing or not self._parse or self._make_picows is None:
+            return
+        fresh = self._make_picows()
+        self._renewing = True
+        try:
+            fresh.connection_made(self)
+            buffer = fresh.get_buffer(-1)
+            buffer[: len(_CANNED_UPGRADE)] = _CANNED_UPGRADE
+            self.proto = fresh
+            fresh.buffer_updated(len(_CANNED_UPGRADE))  # -> the owner's on_ws_connected
+        finally:
+            self._renewing = False
 
     def _resume_reading(self) -> None:
         if not self.transport.is_closing():
@@ -211,14 +261,20 @@ class Stream(asyncio.BufferedProtocol):
         self.owner = None
 
     def pause_writing(self) -> None:
-        self.proto.pause_writing()
+        owner = self.owner
+        if owner is not None:
+            owner.pause_writing()
 
     def resume_writing(self) -> None:
-        self.proto.resume_writing()
+        owner = self.owner
+        if owner is not None:
+            owner.resume_writing()
 
     # -- picows' side (its transport) ---------------------------------------
 
     def write(self, data: bytes) -> None:
+        if self._renewing:
+            return  # the fresh protocol's 101 reply: the client has had one
         owner = self.owner
         if owner is None or owner.closing:
             # The 101 response before a connection owns the stream, or the
