@@ -45,7 +45,6 @@ from dwsps.errors import (
 )
 from dwsps.logs import LOG_FORMATS, configure
 from dwsps.loop import run
-from dwsps.memory import give_back_large_buffers
 from dwsps.server import Server
 from dwsps.startup import check_startup
 from dwsps.stdin import LineTooLong, StdinLines
@@ -205,7 +204,6 @@ def _serve(args: argparse.Namespace) -> int:
     if args.log_level != "debug":
         # picows logs every connection at INFO: too chatty for a server's log.
         logging.getLogger("picows").setLevel(logging.WARNING)
-    give_back_large_buffers()
     return run(_serve_async(Server(config)))
 
 
