@@ -184,7 +184,7 @@ async def test_a_slow_consumer_gets_its_1013_ahead_of_the_backlog(
         await p.sync(within=scaled(20))
     assert srv.stats.slow_consumers == 1
     # A slow reader: it comes back later than the old abort (1 s after the close frame).
-    await asyncio.sleep(1.5)
+    await asyncio.sleep(1.2)
     slow.resume_reading()
     assert await slow.wait_closed(within=scaled(20)) == 1013
     got = [m["message"][0] for m in slow.take_all(is_delivery())]

@@ -53,7 +53,7 @@ DRAIN_PARSE = 1024 * 1024
 """Input picows still parses while closing (to see the client's close frame), at most."""
 DRAIN_BYTES = 64 * 1024 * 1024
 """Input read (and thrown away) while closing, at most, before the socket is dropped."""
-LINGER = 2.0
+LINGER = 3.0
 """Seconds a closing connection waits for the client to finish, at most."""
 
 # What a fresh picows protocol is told, so that it opens without a client.
