@@ -349,7 +349,7 @@ class Connection(WSListener):
         self.backlog_bytes = 0
         raw = self.raw
         if backlog and raw is not None and not self.closing:
-            raw.write(backlog[0] if len(backlog) == 1 else b"".join(backlog))
+            raw.writelines(backlog)  # no copy per connection: the transport keeps the chunks
         if self.backlog is None:  # not paused again by that write
             self.writer.buffered -= self.held
             self.held = 0
@@ -547,7 +547,7 @@ class Connection(WSListener):
         if backlog and raw is not None and not self.closing:
             self.backlog = []
             self.backlog_bytes = 0
-            raw.write(backlog[0] if len(backlog) == 1 else b"".join(backlog))
+            raw.writelines(backlog)  # no copy per connection: the transport keeps the chunks
 
     def _drop_buffers(self) -> None:
         """Forget the backlog and partial input; give their bytes back to the budget."""
