@@ -277,6 +277,18 @@ class ServerConfig:
     max_subscriptions: int = setting(
         1000, help="subscriptions per connection; more get too_many_subscriptions", metavar="N"
     )
+    max_subscriptions_total: int = setting(
+        1_000_000,
+        help="subscriptions held by all connections together; more get"
+        " too_many_subscriptions; 0: no limit",
+        metavar="N",
+    )
+    max_deliveries_per_publish: int = setting(
+        64,
+        help="subscriptions of one connection that may match one publish; a publish"
+        " matching more closes that connection with 1008; 0: no limit",
+        metavar="N",
+    )
     heartbeat_interval: float = setting(
         10.0,
         help="ping every client this often and drop one that did not answer the previous"
@@ -289,6 +301,20 @@ class ServerConfig:
         help="close a connection whose unsent data passes this with 1013 (slow consumer)",
         metavar="BYTES",
         parse=parse_size,
+    )
+    memory_budget: int = setting(
+        1024 * MIB,
+        help="data the server may hold for its connections (unsent backlogs, partial"
+        " messages); over it, publishes get overloaded, upgrades 503 and slow"
+        " readers are closed with 1013; 0: no budget",
+        metavar="BYTES",
+        parse=parse_size,
+    )
+    fragment_timeout: float = setting(
+        10.0,
+        help="time a fragmented message may take from its first frame to its last (then 1008)",
+        metavar="SECONDS",
+        parse=parse_duration,
     )
     max_invalid_requests: int = setting(
         50,

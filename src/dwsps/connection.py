@@ -8,13 +8,25 @@ once the connection has failed, and the close handshake. Complete messages go
 to its :class:`ConnectionHost` (the hub), which never writes to the socket
 itself.
 
-Every byte the server sends a client goes through :meth:`Connection.send`:
-frames are queued and leave in one write per connection at the end of the
-loop turn (:class:`Writer`), where the slow-consumer decision is made. The
+Every byte the server sends a client goes through :meth:`Connection.send`,
+control frames included (picows writes them through the connection's
+:class:`~dwsps.stream.Stream`): frames are queued and leave in one write per
+connection at the end of the loop turn (:class:`Writer`). The
 :class:`Writer` is the one scheduler all connections of a server share; it
 also queues the fan-out batches the router plans (``dwsps.router``), and
 closes the open batch before anything else is queued for one of its members,
 so each connection sees its frames in order.
+
+The outbound bound holds at enqueue time, at no cost per delivery: the writer
+counts the bytes queued in the current loop turn (once per frame, whatever
+the number of subscribers) and flushes early past ``flush_at``, so a turn
+never holds much; and once the kernel stops taking a connection's data (the
+transport asks it to pause writing) further data waits in the connection's
+*backlog*, counted against ``max_outbound_buffer`` with what the transport
+holds. Past that the connection is a slow consumer: its backlog is dropped so
+that the 1013 close frame goes out next. Backlogs, partial fragmented
+messages and the transports' buffers of paused connections add up to
+:attr:`Writer.buffered`, the server's memory budget's measure.
 """
 
 from __future__ import annotations
@@ -40,12 +52,18 @@ from dwsps.errors import CloseCode
 from dwsps.limits import RequestLimiter
 from dwsps.permissions import PermissionChecker, checker_for
 from dwsps.router import Batch
+from dwsps.stream import Stream
 
 log = logging.getLogger("dwsps.server")
 
 # Close codes by number, as picows wants them.
 _WS_CLOSE: dict[int, WSCloseCode] = {c.value: c for c in WSCloseCode}
-_ABORT_AFTER_CLOSE = 1.0
+_RENEW_AFTER = 64 * 1024
+"""A frame at least this large makes the stream renew picows (and its read buffer) after it."""
+
+# RFC 6455 7.4: codes a peer may send (1004-1006 and 1015 are never sent; 1016-2999
+# are unassigned; 3000-4999 are for libraries and applications).
+_VALID_CLOSE = frozenset((1000, 1001, 1002, 1003, *range(1007, 1015), *range(3000, 5000)))
 
 
 class ConnectionHost(Protocol):
@@ -65,6 +83,9 @@ class ConnectionHost(Protocol):
 
     def slow_consumer(self, conn: Connection) -> None:
         """The connection is being closed for falling behind (1013)."""
+
+    def framing_error(self) -> None:
+        """A connection is being failed for breaking RFC 6455 framing (1002)."""
 
 
 class BatchPlanner(Protocol):
@@ -89,6 +110,8 @@ class ConnectionLimits:
     """Largest incoming message (fragments added up); more closes with 1009."""
     max_outbound_buffer: int
     """Unsent bytes past which a connection is closed as a slow consumer (1013)."""
+    fragment_timeout: float = 10.0
+    """Seconds a fragmented message may take from its first frame to its last (1008)."""
 
 
 class Writer:
@@ -96,16 +119,48 @@ class Writer:
 
     Connections with something queued are *dirty*; at the end of the loop turn
     (``call_soon``) the open fan-out batch is closed and queued, then every
-    dirty connection flushes once.
+    dirty connection flushes once. ``turn`` counts the bytes queued since
+    the last flush (each frame once); past ``flush_at`` whoever queues calls
+    :meth:`flush_now`.
     """
 
-    __slots__ = ("_dirty", "_scheduled", "loop", "planner")
+    __slots__ = (
+        "_dirty",
+        "_scheduled",
+        "budget",
+        "buffered",
+        "flush_at",
+        "loop",
+        "planner",
+        "turn",
+    )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, planner: BatchPlanner) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        planner: BatchPlanner,
+        *,
+        flush_at: int = 1024 * 1024,
+        budget: int = 0,
+    ) -> None:
         self.loop = loop
         self.planner = planner
         self._dirty: list[Connection] = []
         self._scheduled = False
+        self.turn = 0
+        """Bytes queued since the last flush."""
+        self.flush_at = flush_at
+        """``turn`` past which queuing flushes at once."""
+        self.buffered = 0
+        """Bytes the server holds for its connections: backlogs, the transport buffers of
+        connections that stopped reading, partial fragmented messages."""
+        self.budget = budget or 1 << 62
+        """``buffered`` past which the server refuses new work (0: no budget)."""
+
+    @property
+    def over_budget(self) -> bool:
+        """Whether the server holds more than its memory budget."""
+        return self.buffered > self.budget
 
     def queue_batch(self, batch: Batch[Connection]) -> None:
         """Queue a closed batch's frames, joined once, on each of its members."""
@@ -131,7 +186,7 @@ class Writer:
         """Make sure a flush runs at the end of this loop turn."""
         if not self._scheduled:
             self._scheduled = True
-            self.loop.call_soon(self._flush)
+            self.loop.call_soon(self._turn_ends)
 
     def release(self, conn: Connection) -> None:
         """Queue the open batch first if ``conn`` is in it (its frames come before)."""
@@ -139,14 +194,19 @@ class Writer:
         if batch is not None:
             self.queue_batch(batch)
 
-    def _flush(self) -> None:
-        self._scheduled = False
+    def flush_now(self) -> None:
+        """Flush every dirty connection now (``turn`` passed ``flush_at``)."""
+        self.turn = 0
         batch = self.planner.close_batch()
         if batch is not None:
             self.queue_batch(batch)
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             conn.flush()
+
+    def _turn_ends(self) -> None:
+        self._scheduled = False
+        self.flush_now()
 
 
 class Connection(WSListener):
@@ -161,11 +221,16 @@ class Connection(WSListener):
 
     __slots__ = (
         "awaiting_pong",
+        "backlog",
+        "backlog_bytes",
         "client_id",
         "closing",
         "expiry",
         "frag",
         "frag_binary",
+        "frag_timer",
+        "grown",
+        "held",
         "host",
         "identity",
         "invalid_streak",
@@ -176,6 +241,7 @@ class Connection(WSListener):
         "permissions",
         "raw",
         "remote",
+        "stream",
         "transport",
         "writer",
     )
@@ -202,11 +268,19 @@ class Connection(WSListener):
         self.limiter = limiter
         self.expiry: asyncio.TimerHandle | None = None
         self.transport: WSTransport | None = None
+        self.stream: Stream | None = None
         self.raw: asyncio.Transport | None = None
         self.pending: list[bytes] | None = None
+        self.backlog: list[bytes] | None = None
+        """Data waiting while the transport is paused (None: write straight through)."""
+        self.backlog_bytes = 0
+        self.held = 0
+        """This connection's share of :attr:`Writer.buffered` (backlog + paused transport)."""
         self.frag: bytearray | None = None
         self.frag_binary = False
+        self.frag_timer: asyncio.TimerHandle | None = None
         self.awaiting_pong = False
+        self.grown = False
         self.invalid_streak = 0
         self.closing = False
 
@@ -223,7 +297,8 @@ class Connection(WSListener):
         """Bytes queued for this client and not yet taken by the kernel."""
         pending = sum(len(chunk) for chunk in self.pending) if self.pending else 0
         raw = self.raw
-        return pending + (raw.get_write_buffer_size() if raw is not None else 0)
+        buffered = raw.get_write_buffer_size() if raw is not None else 0
+        return pending + self.backlog_bytes + buffered
 
     @property
     def opened(self) -> bool:
@@ -233,8 +308,20 @@ class Connection(WSListener):
     # -- picows callbacks -------------------------------------------------
 
     def on_ws_connected(self, transport: WSTransport) -> None:
+        if self.transport is not None:
+            # The stream renewed picows (a fresh read buffer): same connection.
+            self.transport = transport
+            _drop_headers(transport.request)
+            _drop_headers(transport.response)
+            return
         self.transport = transport
-        self.raw = transport.underlying_transport
+        stream = transport.underlying_transport
+        if isinstance(stream, Stream):
+            stream.attach(self)
+            self.stream = stream
+            self.raw = stream.transport
+        else:  # handed a plain transport (not through the front door)
+            self.raw = stream
         # picows keeps the upgrade request and response for the connection's
         # lifetime; their header dicts are ~0.6 KB that nothing reads after
         # the handshake (the listener factory has seen the request already).
@@ -245,20 +332,40 @@ class Connection(WSListener):
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.closing = True
         self.pending = None
+        self._drop_buffers()
+        self.stream = None  # no cycle through the stream and picows outlives the connection
         self.host.connection_closed(self)
 
     def pause_writing(self) -> None:
-        # The slow-consumer check reads the buffer size at every flush.
-        pass
+        # The kernel takes no more for now: what comes next waits in the backlog.
+        if self.backlog is None:
+            self.backlog = []
 
     def resume_writing(self) -> None:
-        pass
+        backlog = self.backlog
+        if backlog is None:
+            return
+        self.backlog = None
+        self.backlog_bytes = 0
+        raw = self.raw
+        if backlog and raw is not None and not self.closing:
+            raw.writelines(backlog)  # no copy per connection: the transport keeps the chunks
+        if self.backlog is None:  # not paused again by that write
+            self.writer.buffered -= self.held
+            self.held = 0
+        else:
+            self._account()
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         msg_type = frame.msg_type
-        if self.closing or transport.is_close_frame_sent:
-            # Failed or closing (by us or by picows, e.g. after 1009): finish the
-            # close handshake and act on nothing else (RFC 6455 7.1.7).
+        if frame.payload_size >= _RENEW_AFTER:
+            self.grown = True  # picows' read buffer grew to hold it
+        if self.grown and frame.last_in_buffer and not frame.tail_size and self.stream:
+            self.grown = False
+            self.stream.renew()  # nothing is buffered after this frame
+        if self.closing:
+            # Failed or closing: finish the close handshake and act on nothing
+            # else (RFC 6455 7.1.7).
             if msg_type is WSMsgType.CLOSE:
                 self._on_close_frame(frame)
             return
@@ -271,7 +378,8 @@ class Connection(WSListener):
         elif msg_type is WSMsgType.PONG:
             self.awaiting_pong = False
         elif msg_type is WSMsgType.PING:
-            # Answered here, not by picows, so that the RSV check above sees pings too.
+            # Answered here, not by picows, so that the RSV check above sees pings
+            # too; the pong goes through the stream, so through send().
             transport.send_pong(frame.get_payload_as_bytes())
         elif msg_type is WSMsgType.CLOSE:
             self._on_close_frame(frame)
@@ -282,43 +390,85 @@ class Connection(WSListener):
 
     def _on_fragment(self, frame: WSFrame) -> None:
         msg_type = frame.msg_type
+        frag = self.frag
         if msg_type is WSMsgType.CONTINUATION:
-            if self.frag is None:
+            if frag is None:
                 self.fail(CloseCode.PROTOCOL_ERROR, "continuation frame without a start")
                 return
-            if len(self.frag) + frame.payload_size > self.limits.max_message_size:
+            size = frame.payload_size
+            if len(frag) + size > self.limits.max_message_size:
                 self.fail(CloseCode.MESSAGE_TOO_BIG, "fragmented message too big")
                 return
             # Binary fragments are kept too, only to bound the message's size.
-            self.frag += frame.get_payload_as_memoryview()
+            frag += frame.get_payload_as_memoryview()
+            self.writer.buffered += size
         elif msg_type in (WSMsgType.TEXT, WSMsgType.BINARY):
-            if self.frag is not None:
+            if frag is not None:
                 self.fail(CloseCode.PROTOCOL_ERROR, "new message before the last one ended")
                 return
+            if frame.fin:  # a one-frame binary message
+                self.host.binary_received(self)
+                return
+            writer = self.writer
+            if writer.over_budget:
+                self.fail(CloseCode.TRY_AGAIN_LATER, "server over its memory budget")
+                return
             self.frag_binary = msg_type is WSMsgType.BINARY
-            self.frag = bytearray(frame.get_payload_as_bytes())
+            frag = self.frag = bytearray(frame.get_payload_as_bytes())
+            writer.buffered += len(frag)
+            self.frag_timer = writer.loop.call_later(
+                self.limits.fragment_timeout, self._fragment_expired
+            )
+            return
         else:  # picows passes no other opcodes
             return
         if not frame.fin:
             return
-        data = bytes(self.frag)
+        data = bytes(frag)
         binary = self.frag_binary
-        self.frag = None
+        self._drop_fragments()
         if binary:
             self.host.binary_received(self)
         else:
             self.host.text_received(self, data)
 
+    def _fragment_expired(self) -> None:
+        self.frag_timer = None
+        timeout = self.limits.fragment_timeout
+        self.fail(CloseCode.POLICY_VIOLATION, f"fragmented message not finished in {timeout:g}s")
+
+    def _drop_fragments(self) -> None:
+        frag = self.frag
+        if frag is not None:
+            self.frag = None
+            self.writer.buffered -= len(frag)
+        if self.frag_timer is not None:
+            self.frag_timer.cancel()
+            self.frag_timer = None
+
     def _on_close_frame(self, frame: WSFrame) -> None:
         transport = self.transport
         if transport is None:
             return
-        self.flush()
-        self.closing = True
-        if not transport.is_close_frame_sent:
-            code = frame.get_close_code()
-            transport.send_close(code if code is not WSCloseCode.NO_INFO else WSCloseCode.OK)
-        transport.disconnect()
+        if not self.closing:
+            # The client closes: what is queued goes first, then the echo.
+            self._write_out()
+            if self.closing:  # it found a slow consumer
+                return
+            self.closing = True
+            self._drop_buffers()
+            if frame.payload_size == 0:
+                transport.send_close(WSCloseCode.OK)
+            elif frame.get_close_code().value in _VALID_CLOSE:
+                transport.send_close(frame.get_close_code())
+            else:
+                self.host.framing_error()
+                transport.send_close(WSCloseCode.PROTOCOL_ERROR, b"invalid close code")
+        # The handshake is complete: the client sends nothing after its close frame.
+        if self.stream is not None:
+            self.stream.finish()
+        else:
+            transport.disconnect()
 
     # -- the write path ---------------------------------------------------
 
@@ -336,9 +486,13 @@ class Connection(WSListener):
             writer.mark_dirty(self)
         else:
             pending.append(data)
+        turn = writer.turn + len(data)
+        writer.turn = turn
+        if turn > writer.flush_at:
+            writer.flush_now()
 
     def flush(self) -> None:
-        """Write everything queued in one call; close the connection if it is too far behind."""
+        """Write everything queued in one call (or add it to the backlog while paused)."""
         # Inlined check (this runs once per connection per loop turn): at the end
         # of a turn the writer has closed the batch already.
         batch = self.writer.planner.open_batch
@@ -351,41 +505,114 @@ class Connection(WSListener):
         raw = self.raw
         if raw is None or self.closing:
             return
-        raw.write(pending[0] if len(pending) == 1 else b"".join(pending))
-        if raw.get_write_buffer_size() > self.limits.max_outbound_buffer:
-            self.host.slow_consumer(self)
-            log.warning("closing slow consumer %s", self.client_id)
-            self.fail(CloseCode.TRY_AGAIN_LATER, "slow consumer: outbound buffer over the limit")
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        backlog = self.backlog
+        if backlog is None:
+            raw.write(data)
+            if self.backlog is not None:  # that write filled the transport: it paused
+                self._account()
+            return
+        # Paused: the transport's buffer does not grow, only the backlog does.
+        backlog.append(data)
+        n = len(data)
+        self.backlog_bytes += n
+        held = self.held + n
+        self.held = held
+        writer = self.writer
+        buffered = writer.buffered + n
+        writer.buffered = buffered
+        if held > self.limits.max_outbound_buffer or buffered > writer.budget:
+            self._slow_consumer()
+
+    def _account(self) -> None:
+        """Measure what this paused connection holds; close it if that is too much."""
+        raw = self.raw
+        held = self.backlog_bytes + (raw.get_write_buffer_size() if raw is not None else 0)
+        writer = self.writer
+        writer.buffered += held - self.held
+        self.held = held
+        if held > self.limits.max_outbound_buffer or writer.over_budget:
+            self._slow_consumer()
+
+    def _slow_consumer(self) -> None:
+        self.host.slow_consumer(self)
+        log.warning("closing slow consumer %s", self.client_id)
+        self.fail(CloseCode.TRY_AGAIN_LATER, "slow consumer: outbound buffer over the limit")
+
+    def _write_out(self) -> None:
+        """Write what is queued and the backlog now, paused or not (ahead of a close frame)."""
+        self.flush()
+        backlog = self.backlog
+        raw = self.raw
+        if backlog and raw is not None and not self.closing:
+            self.backlog = []
+            self.backlog_bytes = 0
+            raw.writelines(backlog)  # no copy per connection: the transport keeps the chunks
+
+    def _drop_buffers(self) -> None:
+        """Forget the backlog and partial input; give their bytes back to the budget."""
+        self.backlog = None
+        self.backlog_bytes = 0
+        self.writer.buffered -= self.held
+        self.held = 0
+        self._drop_fragments()
 
     def fail(self, code: CloseCode, reason: str) -> None:
-        """Send a close frame with ``code`` and drop the connection soon after."""
+        """Send a close frame with ``code``, then close the connection gracefully.
+
+        Replies already queued (e.g. the error for the request that broke a
+        limit) go out before the close frame, in order; for a slow consumer
+        (1013) they are dropped instead, so that the close frame is next.
+        """
         transport = self.transport
         if transport is None or self.closing:
             return
-        if code is not CloseCode.TRY_AGAIN_LATER:
-            # Replies already queued (e.g. the error for the request that broke
-            # the limit) go out before the close frame, in order.
-            self.flush()
+        if code is CloseCode.PROTOCOL_ERROR:
+            self.host.framing_error()
+        if code is CloseCode.TRY_AGAIN_LATER:
+            self.pending = None
+        else:
+            self._write_out()
             if self.closing:  # the flush found a slow consumer
                 return
         self.closing = True
-        self.pending = None
+        self._drop_buffers()
         transport.send_close(_WS_CLOSE[int(code)], reason.encode()[:120])
-        # The close frame may sit behind a full buffer; do not wait on the peer.
-        raw = self.raw
-        if raw is not None:
-            self.writer.loop.call_later(_ABORT_AFTER_CLOSE, raw.abort)
+        # The stream half-closes and drains the input briefly (no reset).
         transport.disconnect()
+
+    def protocol_failed(self, close_frame: bytes) -> None:
+        """picows found a framing error and wrote ``close_frame`` (through the stream).
+
+        picows still hands over the frame it parsed before the bad one, so the
+        close frame is written once this read is done, after the replies.
+        """
+        self.writer.loop.call_soon(self._close_after_replies, close_frame)
+
+    def _close_after_replies(self, close_frame: bytes) -> None:
+        if self.closing:
+            return
+        self._write_out()
+        if self.closing:
+            return
+        self.closing = True
+        self._drop_buffers()
+        if self.raw is not None:
+            self.raw.write(close_frame)
+        if self.transport is not None:
+            self.transport.disconnect()
 
     def go_away(self) -> bool:
         """Server shutdown: flush, send 1001 and stop acting on input; False if already gone."""
         transport = self.transport
         if transport is None:
             return False
-        self.flush()
-        if not transport.is_close_frame_sent:
+        if not self.closing:
+            self._write_out()
+        if not self.closing:
+            self.closing = True
+            self._drop_buffers()
             transport.send_close(WSCloseCode.GOING_AWAY, b"server shutting down")
-        self.closing = True
         return True
 
     async def wait_closed(self) -> None:

@@ -41,6 +41,7 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
     UNAUTHORIZED = "unauthorized"
+    OVERLOADED = "overloaded"
 
 
 class CloseCode(IntEnum):
@@ -61,7 +62,8 @@ class CloseCode(IntEnum):
     INTERNAL_ERROR = 1011
     """The server hit an unexpected condition."""
     TRY_AGAIN_LATER = 1013
-    """Slow consumer: the connection's outbound buffer passed its limit."""
+    """Slow consumer (the connection's outbound buffer passed its limit), or the server
+    is over its memory budget."""
 
 
 class DwspsError(Exception):
@@ -145,6 +147,10 @@ class UnauthorizedError(RequestError):
     """The server refused the token of an ``auth`` request (it closes the connection)."""
 
 
+class OverloadedError(RequestError):
+    """The server is over its memory budget and did not carry out the request; retry later."""
+
+
 REQUEST_ERRORS: dict[str, type[RequestError]] = {
     ErrorCode.INVALID_JSON: InvalidJsonError,
     ErrorCode.INVALID_MESSAGE: InvalidMessageError,
@@ -154,6 +160,7 @@ REQUEST_ERRORS: dict[str, type[RequestError]] = {
     ErrorCode.RATE_LIMITED: RateLimitedError,
     ErrorCode.TOO_MANY_SUBSCRIPTIONS: TooManySubscriptionsError,
     ErrorCode.UNAUTHORIZED: UnauthorizedError,
+    ErrorCode.OVERLOADED: OverloadedError,
 }
 
 
@@ -199,10 +206,10 @@ class EnvelopeError(DwspsError, ValueError):
 
 
 class SubscriptionLimitError(DwspsError):
-    """A subscriber is at its subscription limit (the server replies ``too_many_subscriptions``)."""
+    """A subscriber, or the server, is at its subscription limit (``too_many_subscriptions``)."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"at most {limit} subscriptions per connection")
+    def __init__(self, limit: int, scope: str = "per connection") -> None:
+        super().__init__(f"at most {limit} subscriptions {scope}")
         self.limit = limit
 
 

@@ -87,6 +87,10 @@ class ServerStats:
     replayed: int = 0
     """Publications replayed to recovering subscribers."""
     history_requests: int = 0
+    framing_errors: int = 0
+    """Connections failed for breaking RFC 6455 framing (by picows or the connection)."""
+    amplification_closes: int = 0
+    """Connections closed for holding more subscriptions matching one publish than allowed."""
     errors_by_code: Counter[str] = field(default_factory=Counter)
     """``errors_sent`` per error code (the ErrorCode's value)."""
 
@@ -128,10 +132,14 @@ class Hub:
         self.router: Router[Connection] = Router(
             server_id,
             max_subscriptions=config.max_subscriptions,
+            max_subscriptions_total=config.max_subscriptions_total,
             on_interest=self._interest_changed,
         )
         self.links: list[Link] = []
-        self._limits = ConnectionLimits(config.max_frame_size, config.max_outbound_buffer)
+        self._limits = ConnectionLimits(
+            config.max_frame_size, config.max_outbound_buffer, config.fragment_timeout
+        )
+        self._max_matches = config.max_deliveries_per_publish or 1 << 62
         self._topic_limits = config.topic_limits
         self._writer: Writer | None = None
         self._counter = 0
@@ -262,6 +270,20 @@ class Hub:
     def slow_consumer(self, conn: Connection) -> None:
         """Count a connection closed for falling behind."""
         self.stats.slow_consumers += 1
+
+    def framing_error(self) -> None:
+        """Count a connection failed for a framing error (picows' log reports them too)."""
+        self.stats.framing_errors += 1
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Data the server holds for its connections (what the memory budget bounds)."""
+        return self._writer.buffered if self._writer is not None else 0
+
+    @property
+    def over_budget(self) -> bool:
+        """Whether the server holds more buffered data than its memory budget."""
+        return self._writer is not None and self._writer.over_budget
 
     # -- requests ---------------------------------------------------------
 
@@ -520,6 +542,15 @@ class Hub:
             # forged one (a peer's id, a huge seq) would make us drop that
             # peer's real publishes as duplicates. It gets our own instead.
             req.origin = req.seq = None
+        writer = self._writer
+        assert writer is not None
+        if writer.buffered > writer.budget:
+            raise ProtocolError(
+                ErrorCode.OVERLOADED,
+                "the server is over its memory budget; try again later",
+                "publish",
+                req.id,
+            )
         permissions = conn.permissions
         if permissions is not UNRESTRICTED:  # the usual case pays one comparison
             try:
@@ -608,6 +639,9 @@ class Hub:
         matches = router.match(pub.topic)
         if not matches:
             return 0
+        if len(matches) > self._max_matches:
+            # Only then can one connection hold more matching subscriptions than allowed.
+            matches = self._limit_amplification(pub.topic, matches)
         writer = self._writer
         assert writer is not None
         encoder = DeliveryEncoder(
@@ -621,9 +655,15 @@ class Hub:
         count = 0
         for context, subscribers in matches:
             count += len(subscribers)
-            closed = router.batch(subscribers, text_frame(encoder.encode(context)))
+            frame = text_frame(encoder.encode(context))
+            closed = router.batch(subscribers, frame)
             if closed is not None:
                 writer.queue_batch(closed)
+            # The turn's bytes, once per frame: a bound on what waits for the flush.
+            turn = writer.turn + len(frame)
+            writer.turn = turn
+            if turn > writer.flush_at:
+                writer.flush_now()
         self.stats.deliveries += count
         writer.schedule()
         return count
@@ -644,6 +684,29 @@ class Hub:
         pub.message = orjson.Fragment(body)
         pub.position = kept
         return kept
+
+    def _limit_amplification(
+        self, topic: str, matches: list[tuple[str, dict[Connection, None]]]
+    ) -> list[tuple[str, dict[Connection, None]]]:
+        """Close the connections that would get more than ``max_deliveries_per_publish``."""
+        counts: Counter[Connection] = Counter()
+        for _, subscribers in matches:
+            counts.update(subscribers.keys())
+        limit = self._max_matches
+        over = [conn for conn, n in counts.items() if n > limit]
+        if not over:
+            return matches
+        for conn in over:
+            self.stats.amplification_closes += 1
+            log.warning(
+                "closing %s: %d subscriptions match %r", conn.client_id, counts[conn], topic
+            )
+            conn.fail(
+                CloseCode.POLICY_VIOLATION,
+                f"{counts[conn]} subscriptions match one publish (at most {limit})",
+            )
+            self.router.drop(conn)
+        return self.router.match(topic)
 
     def emit(self, event: str, *args: Any) -> None:
         """Fire a server event (LinkHost)."""
@@ -677,6 +740,7 @@ class Hub:
             "server_id": self._server_id,
             "connections": len(self.connections),
             "subscriptions": len(self.router),
+            "buffered_bytes": self.buffered_bytes,
             "stats": self.stats.as_dict(),
             "peers": [],
         }

@@ -8,8 +8,16 @@ it, bounded in size and time) and then does one of two things:
 * a WebSocket upgrade is *admitted* by the gate first (Origin, connection
   caps, authentication — possibly awaiting an embedding application's hook)
   and, if it may proceed, the socket is handed to a picows protocol together
-  with the bytes read so far. From then on picows alone reads the socket: the
-  fast path pays nothing for the front door.
+  with the bytes read so far, through a :class:`~dwsps.stream.Stream` (fair
+  reads, every write picows makes on the connection's write path, a
+  lingering close). The fast path pays nothing more for the front door.
+
+An upgrade must be a WebSocket opening handshake as RFC 6455 4.1 has it:
+HTTP/1.1 with a non-empty ``Host`` header, or it gets 400.
+
+:class:`PicowsLog` is the logger picows gets: a client's framing error is
+the client's fault, not the server's, so it is counted and logged at debug
+level instead of flooding the log at ERROR.
 
 A refused upgrade gets its HTTP status and a one-line plain-text reason; the
 WebSocket never opens.
@@ -19,8 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Protocol, cast
 
@@ -33,6 +41,7 @@ from picows import WSAutoPingStrategy, WSListener
 from picows.picows import WSProtocol  # type: ignore[attr-defined]
 
 from dwsps.http import HttpRequest, HttpResponse, text_response
+from dwsps.stream import ReadBuffer, Stream
 
 log = logging.getLogger("dwsps.server")
 
@@ -67,6 +76,50 @@ class ListenerSettings:
     max_head: int = 16 * 1024
     """Largest request line plus headers (431 beyond)."""
     logger: Any = None
+    reader: ReadBuffer = field(default_factory=ReadBuffer)
+    """The read buffer every connection of the server shares."""
+
+
+class PicowsLog:
+    """The logger picows writes to: client framing errors at debug level, and counted.
+
+    A logger-like object rather than a :class:`logging.Logger`, so picows
+    does not make a child logger per connection.
+    """
+
+    __slots__ = ("_client_fault", "_logger")
+
+    _CLIENT_FAULTS = ("WS parser error",)
+
+    def __init__(self, logger: logging.Logger, client_fault: Callable[[], None]) -> None:
+        self._logger = logger
+        self._client_fault = client_fault
+
+    def isEnabledFor(self, level: int) -> bool:
+        return self._logger.isEnabledFor(level)
+
+    def log(self, level: int, msg: str, *args: Any, **kwargs: Any) -> None:
+        if level >= logging.ERROR and msg.startswith(self._CLIENT_FAULTS):
+            self._client_fault()
+            level = logging.DEBUG
+        if self._logger.isEnabledFor(level):
+            self._logger.log(level, msg, *args, **kwargs)
+
+    def debug(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        self.log(logging.DEBUG, msg, *args, **kwargs)
+
+    def info(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        self.log(logging.INFO, msg, *args, **kwargs)
+
+    def warning(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        self.log(logging.WARNING, msg, *args, **kwargs)
+
+    def error(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        self.log(logging.ERROR, msg, *args, **kwargs)
+
+    def exception(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("exc_info", True)
+        self.log(logging.ERROR, msg, *args, **kwargs)
 
 
 class FrontDoor(asyncio.Protocol):
@@ -171,6 +224,10 @@ class FrontDoor(asyncio.Protocol):
     # -- upgrades ---------------------------------------------------------
 
     def _upgrade(self, event: h11.Request) -> None:
+        if event.http_version != b"1.1" or not _header(event, b"host"):
+            # RFC 6455 4.1 (h11 lets an empty Host through, and HTTP/1.0 without one).
+            self._answer(text_response(400, "a WebSocket upgrade needs HTTP/1.1 and a Host header"))
+            return
         self._done = True
         transport = self._transport
         assert transport is not None
@@ -210,33 +267,17 @@ class FrontDoor(asyncio.Protocol):
         transport = self._transport
         assert transport is not None
         s = self._settings
-        proto = WSProtocol(
-            None,  # host+port (client side only)
-            None,  # path (client side only)
-            False,  # is_client_side
-            lambda _request: listener,
-            s.logger,
-            True,  # disconnect_on_exception
-            s.handshake_timeout,
-            False,  # enable_auto_ping: the server's own heartbeat pings
-            20.0,
-            20.0,
-            WSAutoPingStrategy.PING_WHEN_IDLE,
-            False,  # enable_auto_pong: Connection answers pings after its RSV check
-            s.max_frame_size,
-            None,  # extra headers
-            2048,  # read_buffer_init_size: idle connections are most of the memory
-        )
-        transport.set_protocol(proto)
-        proto.connection_made(transport)
+
+        def picows() -> Any:
+            return _picows(s, listener)
+
+        proto = picows()
+        stream = Stream(transport, proto, s.reader, asyncio.get_running_loop(), picows)
+        transport.set_protocol(stream)
+        proto.connection_made(stream)
         data = memoryview(bytes(self._raw))
         self._raw = bytearray()
-        while data:
-            buffer = proto.get_buffer(len(data))
-            n = min(len(buffer), len(data))
-            buffer[:n] = data[:n]
-            data = data[n:]
-            proto.buffer_updated(n)
+        stream.feed(data)
         if not transport.is_closing():
             transport.resume_reading()
 
@@ -268,6 +309,27 @@ class FrontDoor(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _picows(s: ListenerSettings, listener: WSListener) -> Any:
+    """A server-side picows protocol whose handshake hands over to ``listener``."""
+    return WSProtocol(
+        None,  # host+port (client side only)
+        None,  # path (client side only)
+        False,  # is_client_side
+        lambda _request: listener,
+        s.logger,
+        True,  # disconnect_on_exception
+        s.handshake_timeout,
+        False,  # enable_auto_ping: the server's own heartbeat pings
+        20.0,
+        20.0,
+        WSAutoPingStrategy.PING_WHEN_IDLE,
+        False,  # enable_auto_pong: Connection answers pings after its RSV check
+        s.max_frame_size,
+        None,  # extra headers
+        2048,  # read_buffer_init_size: idle connections are most of the memory
+    )
 
 
 def _encode_response(response: HttpResponse, with_body: bool) -> bytes:

@@ -81,6 +81,10 @@ class Counters(Protocol):
     def replayed(self) -> int: ...
     @property
     def history_requests(self) -> int: ...
+    @property
+    def framing_errors(self) -> int: ...
+    @property
+    def amplification_closes(self) -> int: ...
 
 
 class _Routes(Protocol):
@@ -88,6 +92,8 @@ class _Routes(Protocol):
     def router(self) -> Sized: ...
     @property
     def history(self) -> HistoryStore | None: ...
+    @property
+    def buffered_bytes(self) -> int: ...
 
 
 class _StatusLink(Protocol):
@@ -146,6 +152,16 @@ _SERVER_COUNTERS: Final = (
         "dwsps_duplicates_dropped",
         "duplicates_dropped",
         "publishes dropped as copies of one already delivered (peer resends, backplane echoes)",
+    ),
+    (
+        "dwsps_framing_errors",
+        "framing_errors",
+        "connections failed for breaking WebSocket framing (RFC 6455)",
+    ),
+    (
+        "dwsps_amplification_closes",
+        "amplification_closes",
+        "connections closed with 1008 for more subscriptions matching one publish than allowed",
     ),
     (
         "dwsps_history_recoveries_ok",
@@ -261,6 +277,11 @@ class ServerCollector(Collector):
             "dwsps_subscriptions",
             "subscriptions held by local clients",
             value=len(server.hub.router),
+        )
+        yield GaugeMetricFamily(
+            "dwsps_buffered_bytes",
+            "data held for connections: backlogs, stalled transports, partial messages",
+            value=server.hub.buffered_bytes,
         )
         stats = server.stats
         for name, field, help_text in _SERVER_COUNTERS:

@@ -94,6 +94,7 @@ class Router(Generic[C]):
         "_subs",
         "_trie",
         "max_subscriptions",
+        "max_subscriptions_total",
         "open_batch",
         "server_id",
     )
@@ -103,11 +104,14 @@ class Router(Generic[C]):
         server_id: str,
         *,
         max_subscriptions: int = 1000,
+        max_subscriptions_total: int = 0,
         on_interest: InterestListener | None = None,
         dedup: Deduplicator | None = None,
     ) -> None:
         self.server_id = server_id
         self.max_subscriptions = max_subscriptions
+        self.max_subscriptions_total = max_subscriptions_total
+        """Subscriptions held by all subscribers together, at most (0: no limit)."""
         self._trie: SubscriptionTrie[C] = SubscriptionTrie()
         self._subs: dict[C, set[str]] = {}
         listener = on_interest or _ignore
@@ -128,7 +132,7 @@ class Router(Generic[C]):
 
         Raises :class:`PermissionDenied` when ``permissions`` do not cover
         ``topic``, :class:`SubscriptionLimitError` when the subscriber holds
-        ``max_subscriptions`` already.
+        ``max_subscriptions`` already, or everyone ``max_subscriptions_total``.
         """
         if not permissions.may_subscribe(topic):
             raise PermissionDenied(f"not permitted to subscribe to {topic!r}")
@@ -141,6 +145,11 @@ class Router(Generic[C]):
             if not subs:
                 del self._subs[subscriber]
             raise SubscriptionLimitError(self.max_subscriptions)
+        total = self.max_subscriptions_total
+        if total and len(self._trie) >= total:
+            if not subs:
+                del self._subs[subscriber]
+            raise SubscriptionLimitError(total, "on this server")
         subs.add(topic)
         self._trie.add(topic, subscriber)
         self._interest.add(topic)

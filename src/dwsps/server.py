@@ -44,7 +44,7 @@ from dwsps.limits import OriginPolicy
 from dwsps.links import Link
 from dwsps.links.backplane import BackplaneLink, BackplaneOptions, create_backplane
 from dwsps.links.peering import PeerAuth, PeerLinks
-from dwsps.listener import Admitted, FrontDoor, ListenerSettings
+from dwsps.listener import Admitted, FrontDoor, ListenerSettings, PicowsLog
 from dwsps.messages import Clock, Publish
 from dwsps.metrics import Metrics
 from dwsps.permissions import Permissions
@@ -53,7 +53,7 @@ from dwsps.topics import validate
 from dwsps.web import routes as web_routes
 
 log = logging.getLogger("dwsps.server")
-_WS_LOG = logging.LoggerAdapter(logging.getLogger("picows.dwsps.ws"), {})
+_WS_LOG = logging.getLogger("picows.dwsps.ws")
 
 SERVER_EVENTS = (
     "subscribe",
@@ -197,14 +197,15 @@ class Server:
         loop = asyncio.get_running_loop()
         self._links = self._make_links()
         # Before the listener: subscriptions made while links start are seen by them.
-        self.hub.attach(Writer(loop, self.hub.router), self._links)
+        writer = Writer(loop, self.hub.router, budget=self.config.memory_budget)
+        self.hub.attach(writer, self._links)
         settings = ListenerSettings(
             max_frame_size=self.config.max_frame_size,
             handshake_timeout=self.config.handshake_timeout,
             max_body=self.config.max_frame_size,
-            # An adapter, not a Logger: given a Logger, picows makes a child
-            # Logger per connection (~0.5 KB each); an adapter is shared.
-            logger=_WS_LOG,
+            # Not a Logger: given a Logger, picows makes a child Logger per
+            # connection (~0.5 KB each); this one is shared, and it counts.
+            logger=PicowsLog(_WS_LOG, self.hub.framing_error),
         )
         self._server = await loop.create_server(
             lambda: FrontDoor(self, settings),
@@ -355,6 +356,8 @@ class Server:
         if not self._origins.allows(request.headers.get("Origin")):
             return text_response(403, "origin not allowed")
         hub = self.hub
+        if hub.over_budget:
+            return text_response(503, "server over its memory budget")
         refused = hub.admission.admit(request.remote)
         if refused is not None:
             return text_response(

@@ -7,10 +7,9 @@ over the attack; and the tally of frames sent, replies by code and how the attac
 connections ended. An attack fails when the server answers wrongly (a reply
 missing, a wrong close code), stalls the canary, keeps memory, or dies.
 
-Attacks marked ``xfail`` depend on the connection-path findings fixed on the
-``hardening-io`` branch (1: pongs, 2: amplification, 5: close codes lost to
-resets, 6: buffers, 7: fairness, 10: close codes); they are written to pass once
-those land.
+Each attack that reproduces a finding of issue 9 names it (1: pongs, 2:
+amplification, 5: close codes lost to resets, 6: buffers, 7: fairness, 10:
+close codes).
 """
 
 from __future__ import annotations
@@ -210,7 +209,6 @@ async def test_framing_violations(target: Target) -> None:
     await _framing(target, "framing violations", cases)
 
 
-@pytest.mark.xfail(strict=False, reason="finding 10: hardening-io branch")
 async def test_bad_close_codes(target: Target) -> None:
     """Close codes no client may send (0, 1005, 1006, 5000, ...) are answered with 1002."""
     await _framing(target, "bad close codes", [bad_close(c) for c in BAD_CLOSE_CODES] * SCALE)
@@ -298,7 +296,6 @@ async def test_slowloris_and_half_open(target: Target) -> None:
 # -- floods and memory tricks (the connection path: hardening-io) ---------------------------
 
 
-@pytest.mark.xfail(strict=False, reason="finding 7: hardening-io branch")
 async def test_publish_flood(target: Target) -> None:
     """One client pipelines publishes as fast as it reads its acks (10k ahead)."""
     total = scaled_count(4000)
@@ -332,7 +329,6 @@ async def test_publish_flood(target: Target) -> None:
     assert result.replies == {"ack": total}
 
 
-@pytest.mark.xfail(strict=False, reason="finding 1: hardening-io branch")
 async def test_ping_flood_without_reading(target: Target) -> None:
     """Pings from a client that never reads: its pongs count toward its outbound bound."""
     total = scaled_count(20_000)
@@ -366,7 +362,6 @@ def _overlapping(levels: int, count: int) -> list[str]:
     return found
 
 
-@pytest.mark.xfail(strict=False, reason="finding 2: hardening-io branch")
 async def test_overlapping_subscriptions_amplification(target: Target) -> None:
     """One publish matching many subscriptions of a subscriber that does not read."""
     count = 100 if not LONG else 1000
@@ -409,7 +404,6 @@ async def _closed_code(client: RawClient) -> int | str:
     return "eof" if code is None else code
 
 
-@pytest.mark.xfail(strict=False, reason="finding 6: hardening-io branch")
 async def test_idle_connections_after_a_large_message(target: Target) -> None:
     """Connections that each sent one large message and then idle give the memory back."""
     connections = 6 if not LONG else 100
@@ -439,7 +433,6 @@ async def test_idle_connections_after_a_large_message(target: Target) -> None:
     await attack(target, "idle after a large message", run)
 
 
-@pytest.mark.xfail(strict=False, reason="finding 6: hardening-io branch")
 async def test_unfinished_fragmented_messages(target: Target) -> None:
     """Connections that hold most of a fragmented message and never finish it."""
     connections = 6 if not LONG else 100
@@ -464,7 +457,6 @@ async def test_unfinished_fragmented_messages(target: Target) -> None:
     await attack(target, "unfinished fragmented messages", run)
 
 
-@pytest.mark.xfail(strict=False, reason="finding 5: hardening-io branch")
 async def test_close_code_arrives_after_pipelined_input(target: Target) -> None:
     """Publishes, then invalid UTF-8, then more input in one write: the replies before the
     failure and the 1007 reach the client (no reset)."""
