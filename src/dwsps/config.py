@@ -133,6 +133,13 @@ class ServerConfig:
     port: int = setting(
         8000, help="port to bind, 0 for any free one", metavar="PORT", maximum=65535
     )
+    workers: int = setting(
+        1,
+        help="processes serving the port together (SO_REUSEPORT), one per core: they act as"
+        " one server (docs/workers.md)",
+        metavar="N",
+        maximum=256,
+    )
     peers: list[str] = setting(
         [],
         help="forward organic publishes to the server at URL",
