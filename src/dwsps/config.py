@@ -133,13 +133,6 @@ class ServerConfig:
     port: int = setting(
         8000, help="port to bind, 0 for any free one", metavar="PORT", maximum=65535
     )
-    workers: int = setting(
-        1,
-        help="processes serving the port together (SO_REUSEPORT), one per core: they act as"
-        " one server (docs/workers.md)",
-        metavar="N",
-        maximum=256,
-    )
     peers: list[str] = setting(
         [],
         help="forward organic publishes to the server at URL",
@@ -288,6 +281,13 @@ class ServerConfig:
         " net.core.somaxconn): room for every client reconnecting at once",
         metavar="N",
         maximum=65535,
+    )
+    workers: int = setting(
+        1,
+        help="processes serving the port together (SO_REUSEPORT), one per core: they act as"
+        " one server (docs/workers.md)",
+        metavar="N",
+        maximum=256,
     )
     close_timeout: float = setting(
         2.0,

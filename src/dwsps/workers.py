@@ -37,6 +37,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -65,7 +66,7 @@ class Worker:
         return f"{self.slot}/{self.count}:{self.directory}"
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | os._Environ[str] = os.environ) -> Worker | None:
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Worker | None:
         """This process's worker, or None when it is not one (ValueError for a bad value)."""
         text = environ.get(ENV)
         if not text:
