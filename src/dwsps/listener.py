@@ -22,7 +22,7 @@ import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
 import h11
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -67,6 +67,16 @@ class ListenerSettings:
     max_head: int = 16 * 1024
     """Largest request line plus headers (431 beyond)."""
     logger: Any = None
+
+
+class _Released(asyncio.Protocol):
+    """What a handed-over transport's previous-protocol slot points to (see _hand_over)."""
+
+    def data_received(self, data: bytes) -> None:  # never called: picows reads now
+        pass
+
+
+_RELEASED: Final = _Released()
 
 
 class FrontDoor(asyncio.Protocol):
@@ -227,6 +237,10 @@ class FrontDoor(asyncio.Protocol):
             None,  # extra headers
             2048,  # read_buffer_init_size: idle connections are most of the memory
         )
+        # uvloop keeps the previous protocol's data_received when the new one is
+        # buffered, which would keep this FrontDoor and its h11 parser (~1.5 KB)
+        # alive as long as the connection: point it at a shared stub first.
+        transport.set_protocol(_RELEASED)
         transport.set_protocol(proto)
         proto.connection_made(transport)
         data = memoryview(bytes(self._raw))

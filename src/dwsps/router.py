@@ -109,7 +109,9 @@ class Router(Generic[C]):
         self.server_id = server_id
         self.max_subscriptions = max_subscriptions
         self._trie: SubscriptionTrie[C] = SubscriptionTrie()
-        self._subs: dict[C, set[str]] = {}
+        # A subscriber's topics: the topic itself while it holds one (most hold one:
+        # an empty set is 216 bytes per connection), a set from the second on.
+        self._subs: dict[C, str | set[str]] = {}
         listener = on_interest or _ignore
         self._interest = InterestCounter(
             lambda key: listener(key, True), lambda key: listener(key, False)
@@ -134,14 +136,17 @@ class Router(Generic[C]):
             raise PermissionDenied(f"not permitted to subscribe to {topic!r}")
         subs = self._subs.get(subscriber)
         if subs is None:
-            subs = self._subs[subscriber] = set()
-        elif topic in subs:
+            if self.max_subscriptions < 1:
+                raise SubscriptionLimitError(self.max_subscriptions)
+            self._subs[subscriber] = topic
+        elif subs == topic or (not isinstance(subs, str) and topic in subs):
             return False
-        if len(subs) >= self.max_subscriptions:
-            if not subs:
-                del self._subs[subscriber]
-            raise SubscriptionLimitError(self.max_subscriptions)
-        subs.add(topic)
+        else:
+            held = {subs} if isinstance(subs, str) else subs
+            if len(held) >= self.max_subscriptions:
+                raise SubscriptionLimitError(self.max_subscriptions)
+            held.add(topic)
+            self._subs[subscriber] = held
         self._trie.add(topic, subscriber)
         self._interest.add(topic)
         return True
@@ -149,28 +154,40 @@ class Router(Generic[C]):
     def unsubscribe(self, subscriber: C, topic: str) -> bool:
         """Release ``topic`` for ``subscriber``; False if it was not held (idempotent)."""
         subs = self._subs.get(subscriber)
-        if subs is None or topic not in subs:
+        if subs is None:
             return False
-        subs.discard(topic)
-        if not subs:
+        if isinstance(subs, str):
+            if subs != topic:
+                return False
             del self._subs[subscriber]
+        else:
+            if topic not in subs:
+                return False
+            subs.discard(topic)
+            if not subs:
+                del self._subs[subscriber]
         self._trie.remove(topic, subscriber)
         self._interest.remove(topic)
         return True
 
+    def _held(self, subscriber: C) -> tuple[str, ...] | set[str]:
+        subs = self._subs.get(subscriber)
+        if subs is None:
+            return ()
+        return (subs,) if isinstance(subs, str) else subs
+
     def drop(self, subscriber: C) -> list[str]:
         """Release everything ``subscriber`` holds (it went away); return those topics."""
-        subs = self._subs.pop(subscriber, None)
-        if not subs:
-            return []
-        for topic in subs:
+        held = self._held(subscriber)
+        self._subs.pop(subscriber, None)
+        for topic in held:
             self._trie.remove(topic, subscriber)
             self._interest.remove(topic)
-        return sorted(subs)
+        return sorted(held)
 
     def revoke(self, subscriber: C, permissions: PermissionChecker) -> list[str]:
         """Release what ``subscriber`` holds that ``permissions`` no longer cover; return it."""
-        gone = [t for t in self._subs.get(subscriber, ()) if not permissions.may_subscribe(t)]
+        gone = [t for t in self._held(subscriber) if not permissions.may_subscribe(t)]
         for topic in gone:
             self.unsubscribe(subscriber, topic)
         return sorted(gone)
@@ -182,7 +199,7 @@ class Router(Generic[C]):
 
     def subscriptions(self, subscriber: C) -> frozenset[str]:
         """The topics ``subscriber`` holds."""
-        return frozenset(self._subs.get(subscriber, ()))
+        return frozenset(self._held(subscriber))
 
     def subscriber_count(self) -> int:
         """Subscribers holding at least one subscription."""
