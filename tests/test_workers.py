@@ -107,6 +107,14 @@ def _gone(pid: int) -> bool:
     return state in ("Z", "X")
 
 
+def _worker_directory(pid: int) -> Path:
+    """The supervisor's private directory, from a worker's environment."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    worker = Worker.from_env(dict(e.decode().split("=", 1) for e in environ if b"=" in e))
+    assert worker is not None
+    return Path(worker.directory)
+
+
 async def _metric(url: str, name: str) -> dict[str, float]:
     """``name``'s value per worker, from one scrape (whichever worker answers)."""
     status, body = await http_get(url, "/metrics")
@@ -191,8 +199,11 @@ async def test_every_publish_reaches_every_worker_once_in_order(
         return sum((await _metric(srv.url, "dwsps_connections")).values()) == 5 * workers
 
     await eventually(all_counted, "every connection counted once in /metrics")
+    directory = _worker_directory(pids[0])
+    assert directory.is_dir()
     assert await srv.stop() == 0
     await eventually(lambda: all(_gone(pid) for pid in pids.values()), "every worker to exit")
+    assert not directory.exists(), "the supervisor left its directory behind"
 
 
 async def test_a_worker_without_subscribers_for_a_topic_receives_none_of_it(

@@ -176,6 +176,10 @@ class Supervisor:
                 start_new_session=True,
             )
             self.procs[slot] = proc
+            if self._stopping:  # SIGTERM came while it was being started
+                proc.terminate()
+                await proc.wait()
+                return
             began = time.monotonic()
             listening = await self._pump(proc)
             if listening:
