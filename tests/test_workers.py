@@ -85,6 +85,34 @@ async def test_a_worker_receives_only_the_keys_it_announced(tmp_path: Path) -> N
             await engine.close()
 
 
+async def test_a_stream_holds_at_most_its_bound_and_counts_what_it_drops(tmp_path: Path) -> None:
+    got: list[bytes] = []
+    a = IpcBackplane(str(tmp_path), 0, 2, 1 << 16)
+    b = IpcBackplane(str(tmp_path), 1, 2, 1 << 16)
+    await a.start(lambda payload: None, lambda up, reason: None)
+    await b.start(got.append, lambda up, reason: None)
+    try:
+        b.subscribe("k")
+
+        async def connected() -> bool:
+            a.publish("k", b"probe")
+            await asyncio.sleep(0.01)
+            return bool(got)
+
+        await eventually(connected, "worker 1's interest")
+        got.clear()
+        sent_before = a.published
+        for n in range(50):  # one loop turn: 200 KB against a 64 KiB bound
+            a.publish("k", b"%02d" % n + b"x" * 4000)
+        assert a.dropped > 0
+        await eventually(lambda: len(got) == a.published - sent_before, "what was kept")
+        assert len(got) + a.dropped == 50
+        assert [p[:2] for p in got] == [b"%02d" % n for n in range(len(got))], "oldest kept"
+    finally:
+        await a.close()
+        await b.close()
+
+
 # -- real supervisors ------------------------------------------------------------
 
 _WORKER_UP = re.compile(rb"worker (\d+) \(pid (\d+)\) listening")

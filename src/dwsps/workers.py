@@ -105,7 +105,7 @@ class Supervisor:
         # Flags given last win over the same flags given earlier, the TOML file and
         # the environment.
         args = [*self.serve_args, "--workers", "1", "--port", str(self._port)]
-        if self.config.backplane.startswith("memory://"):
+        if self.config.backplane.startswith(("memory://", "ipc://")):  # not shared: ours
             worker = Worker(slot, self.count, self._directory)
             args += ["--backplane", worker.backplane_url()]
         return [sys.executable, "-m", "dwsps", "serve", *args]

@@ -328,8 +328,11 @@ class IpcBackplane(Backplane):
             self._sink(payload)
 
     def _announce(self, data: bytes) -> None:
-        for stream in self._inbound:
-            stream.queue(data)
+        for stream in list(self._inbound):
+            if not stream.queue(data):
+                # Interest must not be lost: the other worker reconnects and gets
+                # the whole set again.
+                stream.close()
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
