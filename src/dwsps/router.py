@@ -26,8 +26,11 @@ The fan-out plan
     subscriber. The rules that keep every subscriber's frames in order:
 
     1. A batch holds frames for one subscriber set, as it was when the batch
-       opened (``members`` is a snapshot; any subscription change bumps the
-       trie's version, and the next frame then opens a new batch).
+       opened (``members`` is that set until a subscription changes while the
+       batch is open, which copies it first; any subscription change also
+       bumps the trie's version, and the next frame then opens a new batch).
+       Closed batches are queued at once, so only the open one needs the copy:
+       publishes do not pay for a snapshot of every subscriber set they reach.
     2. A frame for another set closes the open batch first.
     3. Before anything else is queued for a member of the open batch (an ack,
        an error), :meth:`Router.release` closes it.
@@ -74,7 +77,7 @@ class Batch(Generic[C]):
 
     def __init__(self, subscribers: dict[C, None], frame: bytes, version: int) -> None:
         self.subscribers = subscribers
-        self.members = subscribers.copy()
+        self.members = subscribers  # copied by Router._freeze before the set changes
         self.frames = [frame]
         self.version = version
 
@@ -147,6 +150,7 @@ class Router(Generic[C]):
                 raise SubscriptionLimitError(self.max_subscriptions)
             held.add(topic)
             self._subs[subscriber] = held
+        self._freeze()
         self._trie.add(topic, subscriber)
         self._interest.add(topic)
         return True
@@ -166,9 +170,16 @@ class Router(Generic[C]):
             subs.discard(topic)
             if not subs:
                 del self._subs[subscriber]
+        self._freeze()
         self._trie.remove(topic, subscriber)
         self._interest.remove(topic)
         return True
+
+    def _freeze(self) -> None:
+        """A subscription is about to change: the open batch keeps its members as they are."""
+        batch = self.open_batch
+        if batch is not None and batch.members is batch.subscribers:
+            batch.members = batch.subscribers.copy()
 
     def _held(self, subscriber: C) -> tuple[str, ...] | set[str]:
         subs = self._subs.get(subscriber)
@@ -180,6 +191,8 @@ class Router(Generic[C]):
         """Release everything ``subscriber`` holds (it went away); return those topics."""
         held = self._held(subscriber)
         self._subs.pop(subscriber, None)
+        if held:
+            self._freeze()
         for topic in held:
             self._trie.remove(topic, subscriber)
             self._interest.remove(topic)
