@@ -49,6 +49,7 @@ LOADGEN_DIR = ROOT / "bench" / "loadgen"
 SERVER_CPU, LOADGEN_CPU = 0, 1
 NATS = "nats"
 TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+WORKERS_SUFFIX = re.compile(r":workers=(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,8 @@ class Target:
 
     name: str
     exe: Path
+    workers: int = 1
+    """``dwsps serve --workers N`` (the CPU of the supervisor and every worker is counted)."""
 
     @property
     def is_nats(self) -> bool:
@@ -163,6 +166,8 @@ class Started:
     url: str
     cmd: list[str]
     nats_config: str | None = None
+    pids: tuple[int, ...] = ()
+    """Every process of the server (a --workers supervisor and its workers)."""
 
 
 def start_server(target: Target, tmp: Path, peer: str | None = None) -> Started:
@@ -182,16 +187,34 @@ def start_server(target: Target, tmp: Path, peer: str | None = None) -> Started:
         cmd += ["--log-level", "warning"]
         if peer:
             cmd += ["--peer", peer]
+        if target.workers > 1:
+            cmd += ["--workers", str(target.workers)]
     cmd = ["taskset", "-c", str(SERVER_CPU), *cmd]
     log = tmp / f"server-{port}.log"
     with log.open("wb") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(cmd, stdout=err, stderr=err)
     try:
         wait_port(port, proc, log)
+        pids = wait_workers(proc, target.workers, log)
     except ServerStartError:
         stop(proc)
         raise
-    return Started(proc, f"ws://127.0.0.1:{port}", cmd, nats_config)
+    return Started(proc, f"ws://127.0.0.1:{port}", cmd, nats_config, pids)
+
+
+def wait_workers(
+    proc: subprocess.Popen[bytes], workers: int, log: Path, limit: float = 15.0
+) -> tuple[int, ...]:
+    """The server's pids, once a --workers supervisor says every worker listens."""
+    if workers <= 1:
+        return (proc.pid,)
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if f"({workers} workers)" in log.read_text(errors="replace"):
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            return (proc.pid, *map(int, children))
+        time.sleep(0.05)
+    raise ServerStartError(f"not every one of {workers} workers listened after {limit:.0f} s")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -251,14 +274,14 @@ def loadgen_cmd(loadgen: Path, target: Target, case: Case, started: list[Started
         cmd += ["--pub-url", started[0].url, "--url", started[1].url]
     else:
         cmd += ["--url", started[0].url]
-    return [*cmd, "--server-pid", ",".join(str(s.proc.pid) for s in started)]
+    return [*cmd, "--server-pid", ",".join(str(p) for s in started for p in s.pids)]
 
 
 def pybench_cmd(client: Path, case: Case, started: list[Started], out: Path) -> list[str]:
     cmd = ["taskset", "-c", str(LOADGEN_CPU), str(client), "bench", case.scenario]
     cmd += ["--quiet", *case.args, "--json", str(out)]
     cmd += ["--url", started[0].url]
-    return [*cmd, "--server-pid", ",".join(str(s.proc.pid) for s in started)]
+    return [*cmd, "--server-pid", ",".join(str(p) for s in started for p in s.pids)]
 
 
 def measure(cmd: list[str], json_file: Path | None) -> dict[str, Any]:
@@ -621,11 +644,14 @@ def write_report(path: Path, records: list[dict[str, Any]], info: dict[str, Any]
 
 def parse_target(spec: str) -> Target:
     name, sep, exe = spec.partition("=")
-    if not sep or not TARGET_NAME.fullmatch(name) or not exe:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH_TO_DWSPS, got {spec!r}")
+    workers = 1
+    if found := WORKERS_SUFFIX.search(exe):
+        exe, workers = exe[: found.start()], int(found.group(1))
+    if not sep or not TARGET_NAME.fullmatch(name) or not exe or workers < 1:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH_TO_DWSPS[:workers=N], got {spec!r}")
     if name == NATS:
         raise argparse.ArgumentTypeError(f"{NATS!r} is the reference server's name")
-    return Target(name, Path(exe).absolute())
+    return Target(name, Path(exe).absolute(), workers)
 
 
 def parse_cases(spec: str) -> list[Case]:
@@ -695,8 +721,9 @@ def main() -> int:
         "--target",
         type=parse_target,
         action="append",
-        metavar="NAME=PATH",
-        help="a dwsps executable to measure, repeatable, in this order "
+        metavar="NAME=PATH[:workers=N]",
+        help="a dwsps executable to measure, repeatable, in this order; :workers=N runs it"
+        " with --workers N "
         f"(default dwsps={shown(str(VENV_BIN / 'dwsps'))})",
     )
     parser.add_argument("--no-nats", action="store_true", help="skip the nats-server reference")

@@ -65,3 +65,22 @@ def test_matches_a_model(seqs: list[tuple[str, int]]) -> None:
         assert dedup.first_time(origin, seq) is expected, (origin, seq, sorted(got))
         if expected:
             got.add(seq)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.lists(st.integers(min_value=-12, max_value=12), max_size=120),
+)
+def test_matches_a_model_on_mostly_in_order_streams(steps: list[int]) -> None:
+    # Runs longer than the window, gaps and late arrivals around them.
+    window = 8
+    dedup = Deduplicator(window=window)
+    got: set[int] = set()
+    seq = 100
+    for step in steps:
+        seq = max(0, seq + (1 if step > -3 else step))
+        high = max(got, default=-1)
+        expected = not got or seq > high or (high - seq < window and seq not in got)
+        assert dedup.first_time("o", seq) is expected, (seq, sorted(got))
+        if expected:
+            got.add(seq)

@@ -51,6 +51,7 @@ from dwsps.loop import run
 from dwsps.server import Server
 from dwsps.startup import check_startup
 from dwsps.stdin import LineTooLong, StdinLines
+from dwsps.workers import Supervisor, Worker
 
 DEFAULT_URL = "ws://127.0.0.1:8000"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -185,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help and usage errors
         return exc.code if isinstance(exc.code, int) else 2
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)
@@ -218,11 +220,22 @@ def _serve(args: argparse.Namespace) -> int:
         check_startup(config)
     except ConfigError as exc:
         return _fail("serve", exc)
+    try:
+        worker = Worker.from_env()
+    except ValueError as exc:
+        return _fail("serve", exc)
     configure(args.log_level, args.log_format)
     if args.log_level != "debug":
         # picows logs every connection at INFO: too chatty for a server's log.
         logging.getLogger("picows").setLevel(logging.WARNING)
-    return run(_serve_async(Server(config)))
+    if config.workers > 1 and worker is None:
+        return run(Supervisor(_serve_args(args.argv), config, config.workers).run())
+    return run(_serve_async(Server(config, worker=worker), worker))
+
+
+def _serve_args(argv: list[str]) -> list[str]:
+    """What followed ``serve`` on the command line (repeated for every worker)."""
+    return argv[argv.index("serve") + 1 :]
 
 
 def _listen_error(exc: OSError) -> str:
@@ -232,7 +245,7 @@ def _listen_error(exc: OSError) -> str:
     return str(exc.strerror or exc)  # getaddrinfo errors have negative numbers
 
 
-async def _serve_async(server: Server) -> int:
+async def _serve_async(server: Server, worker: Worker | None = None) -> int:
     config = server.config
     try:
         await server.start()
@@ -250,6 +263,8 @@ async def _serve_async(server: Server) -> int:
         stop.set()
 
     _on_stop_signals(on_signal)
+    if worker is not None:
+        _stop_with_supervisor(lambda: on_signal(signal.SIGHUP))
     try:
         print(f"dwsps listening on {server.url}", flush=True)
         await stop.wait()
@@ -260,6 +275,26 @@ async def _serve_async(server: Server) -> int:
         await server.close()
     log.info("dwsps server %s stopped", server.server_id)
     return 0
+
+
+def _stop_with_supervisor(stop: Callable[[], None]) -> None:
+    """A worker stops when its supervisor's end of the stdin pipe closes (it died)."""
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        try:
+            data = os.read(0, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(0)
+            log.warning("the supervisor is gone: stopping")
+            stop()
+
+    os.set_blocking(0, False)
+    loop.add_reader(0, readable)
 
 
 # -- pub and sub ------------------------------------------------------------

@@ -334,6 +334,13 @@ class ServerConfig:
         metavar="N",
         maximum=65535,
     )
+    workers: int = setting(
+        1,
+        help="processes serving the port together (SO_REUSEPORT), one per core: they act as"
+        " one server (docs/workers.md)",
+        metavar="N",
+        maximum=256,
+    )
     close_timeout: float = setting(
         2.0,
         help="how long a graceful shutdown waits for clients to finish the close handshake",

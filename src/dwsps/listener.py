@@ -30,7 +30,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
 import h11
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -120,6 +120,16 @@ class PicowsLog:
     def exception(self, msg: str, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("exc_info", True)
         self.log(logging.ERROR, msg, *args, **kwargs)
+
+
+class _Released(asyncio.Protocol):
+    """What a handed-over transport's previous-protocol slot points to (see _hand_over)."""
+
+    def data_received(self, data: bytes) -> None:  # never called: picows reads now
+        pass
+
+
+_RELEASED: Final = _Released()
 
 
 class FrontDoor(asyncio.Protocol):
@@ -273,6 +283,10 @@ class FrontDoor(asyncio.Protocol):
 
         proto = picows()
         stream = Stream(transport, proto, s.reader, asyncio.get_running_loop(), picows)
+        # uvloop keeps the previous protocol's data_received when the new one is
+        # buffered, which would keep this FrontDoor and its h11 parser (~1.5 KB)
+        # alive as long as the connection: point it at a shared stub first.
+        transport.set_protocol(_RELEASED)
         transport.set_protocol(stream)
         proto.connection_made(stream)
         data = memoryview(bytes(self._raw))

@@ -11,6 +11,7 @@ message body is encoded once and shared by every context it goes out under.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from dataclasses import dataclass
@@ -272,14 +273,23 @@ def _position_field(
 
 def _valid_timestamp(ts: object) -> str | None:
     """``ts`` if it is an ISO 8601 date-time that exists on the calendar, else None."""
-    if not isinstance(ts, str) or not _TIMESTAMP.match(ts):
+    if not isinstance(ts, str) or len(ts) > 40 or not _timestamp_ok(ts):
         return None
+    return ts
+
+
+@functools.lru_cache(maxsize=512)
+def _timestamp_ok(ts: str) -> bool:
+    # Cached: a busy publisher sends the same millisecond many times, and the
+    # check (a pattern and a calendar parse) was ~1.4 us of every publish.
+    if not _TIMESTAMP.match(ts):
+        return False
     try:
         # The pattern checks the shape; this rejects month 13, Feb 30, hour 25, ...
         datetime.fromisoformat(ts)
     except ValueError:
-        return None
-    return ts
+        return False
+    return True
 
 
 class Clock:

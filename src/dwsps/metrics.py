@@ -18,6 +18,10 @@ Every metric is listed, with its type, labels and meaning, in
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import time
 from collections.abc import Iterator, Mapping, Sized
 from importlib import metadata
 from typing import Any, Final, Protocol
@@ -25,6 +29,7 @@ from typing import Any, Final, Protocol
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client import generate_latest as _exposition
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from dwsps.errors import ErrorCode
@@ -396,6 +401,82 @@ class Metrics:
     def response(self, request: HttpRequest) -> HttpResponse:
         """The answer to ``GET /metrics`` (an :data:`~dwsps.http.Handler`)."""
         return HttpResponse(200, self.render(), CONTENT_TYPE)
+
+
+class WorkerMetrics:
+    """``GET /metrics`` on any worker of ``dwsps serve --workers N``: every worker's metrics.
+
+    A scrape reaches one worker (the kernel picks), so each worker writes its
+    own rendering to ``DIRECTORY/metrics-SLOT.prom`` every ``interval`` and
+    answers with its live metrics plus the other workers' latest files (at
+    most ``interval`` old; files older than :data:`STALE_AFTER` are from a
+    worker that is gone). Every sample gets a ``worker`` label: per-worker
+    series, which Prometheus sums with ``sum without (worker)``.
+    """
+
+    STALE_AFTER: Final = 5.0
+
+    def __init__(self, metrics: Metrics, slot: int, directory: str) -> None:
+        self.metrics = metrics
+        self.slot = slot
+        self.directory = directory
+
+    def _path(self, slot: int | str) -> str:
+        return os.path.join(self.directory, f"metrics-{slot}.prom")
+
+    def snapshot(self) -> None:
+        """Write this worker's metrics for the others to serve."""
+        path = self._path(self.slot)
+        with open(path + ".tmp", "wb") as fh:
+            fh.write(self.metrics.render())
+        os.replace(path + ".tmp", path)
+
+    async def run(self, interval: float = 1.0) -> None:
+        """Write a snapshot every ``interval`` seconds until cancelled."""
+        while True:
+            self.snapshot()
+            await asyncio.sleep(interval)
+
+    def render(self) -> bytes:
+        """Every live worker's metrics, labelled ``worker``, in the text format."""
+        texts = {str(self.slot): self.metrics.render().decode()}
+        now = time.time()
+        for name in os.listdir(self.directory):
+            slot = name.removeprefix("metrics-").removesuffix(".prom")
+            if not name.endswith(".prom") or slot == str(self.slot) or not slot.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                path = os.path.join(self.directory, name)
+                if now - os.path.getmtime(path) <= self.STALE_AFTER:
+                    with open(path, encoding="utf-8") as fh:
+                        texts[slot] = fh.read()
+        return _exposition(_Merged(texts))
+
+    def response(self, request: HttpRequest) -> HttpResponse:
+        """The answer to ``GET /metrics`` (an :data:`~dwsps.http.Handler`)."""
+        return HttpResponse(200, self.render(), CONTENT_TYPE)
+
+
+class _Merged(CollectorRegistry):
+    """The families of several workers' renderings, one family per name."""
+
+    def __init__(self, texts: Mapping[str, str]) -> None:
+        super().__init__(auto_describe=False)
+        self.texts = texts
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for slot in sorted(self.texts, key=int):
+            for family in text_string_to_metric_families(self.texts[slot]):
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = families[family.name] = Metric(
+                        family.name, family.documentation, family.type, family.unit
+                    )
+                for sample in family.samples:
+                    labels = {**sample.labels, "worker": slot}
+                    merged.samples.append(type(sample)(sample.name, labels, *sample[2:]))
+        yield from families.values()
 
 
 def render(server: Observed) -> bytes:

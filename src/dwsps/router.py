@@ -26,8 +26,11 @@ The fan-out plan
     subscriber. The rules that keep every subscriber's frames in order:
 
     1. A batch holds frames for one subscriber set, as it was when the batch
-       opened (``members`` is a snapshot; any subscription change bumps the
-       trie's version, and the next frame then opens a new batch).
+       opened (``members`` is that set until a subscription changes while the
+       batch is open, which copies it first; any subscription change also
+       bumps the trie's version, and the next frame then opens a new batch).
+       Closed batches are queued at once, so only the open one needs the copy:
+       publishes do not pay for a snapshot of every subscriber set they reach.
     2. A frame for another set closes the open batch first.
     3. Before anything else is queued for a member of the open batch (an ack,
        an error), :meth:`Router.release` closes it.
@@ -74,7 +77,7 @@ class Batch(Generic[C]):
 
     def __init__(self, subscribers: dict[C, None], frame: bytes, version: int) -> None:
         self.subscribers = subscribers
-        self.members = subscribers.copy()
+        self.members = subscribers  # copied by Router._freeze before the set changes
         self.frames = [frame]
         self.version = version
 
@@ -113,7 +116,9 @@ class Router(Generic[C]):
         self.max_subscriptions_total = max_subscriptions_total
         """Subscriptions held by all subscribers together, at most (0: no limit)."""
         self._trie: SubscriptionTrie[C] = SubscriptionTrie()
-        self._subs: dict[C, set[str]] = {}
+        # A subscriber's topics: the topic itself while it holds one (most hold one:
+        # an empty set is 216 bytes per connection), a set from the second on.
+        self._subs: dict[C, str | set[str]] = {}
         listener = on_interest or _ignore
         self._interest = InterestCounter(
             lambda key: listener(key, True), lambda key: listener(key, False)
@@ -137,20 +142,22 @@ class Router(Generic[C]):
         if not permissions.may_subscribe(topic):
             raise PermissionDenied(f"not permitted to subscribe to {topic!r}")
         subs = self._subs.get(subscriber)
-        if subs is None:
-            subs = self._subs[subscriber] = set()
-        elif topic in subs:
+        if subs is not None and (subs == topic or (not isinstance(subs, str) and topic in subs)):
             return False
-        if len(subs) >= self.max_subscriptions:
-            if not subs:
-                del self._subs[subscriber]
-            raise SubscriptionLimitError(self.max_subscriptions)
         total = self.max_subscriptions_total
         if total and len(self._trie) >= total:
-            if not subs:
-                del self._subs[subscriber]
             raise SubscriptionLimitError(total, "on this server")
-        subs.add(topic)
+        if subs is None:
+            if self.max_subscriptions < 1:
+                raise SubscriptionLimitError(self.max_subscriptions)
+            self._subs[subscriber] = topic
+        else:
+            held = {subs} if isinstance(subs, str) else subs
+            if len(held) >= self.max_subscriptions:
+                raise SubscriptionLimitError(self.max_subscriptions)
+            held.add(topic)
+            self._subs[subscriber] = held
+        self._freeze()
         self._trie.add(topic, subscriber)
         self._interest.add(topic)
         return True
@@ -158,28 +165,49 @@ class Router(Generic[C]):
     def unsubscribe(self, subscriber: C, topic: str) -> bool:
         """Release ``topic`` for ``subscriber``; False if it was not held (idempotent)."""
         subs = self._subs.get(subscriber)
-        if subs is None or topic not in subs:
+        if subs is None:
             return False
-        subs.discard(topic)
-        if not subs:
+        if isinstance(subs, str):
+            if subs != topic:
+                return False
             del self._subs[subscriber]
+        else:
+            if topic not in subs:
+                return False
+            subs.discard(topic)
+            if not subs:
+                del self._subs[subscriber]
+        self._freeze()
         self._trie.remove(topic, subscriber)
         self._interest.remove(topic)
         return True
 
+    def _freeze(self) -> None:
+        """A subscription is about to change: the open batch keeps its members as they are."""
+        batch = self.open_batch
+        if batch is not None and batch.members is batch.subscribers:
+            batch.members = batch.subscribers.copy()
+
+    def _held(self, subscriber: C) -> tuple[str, ...] | set[str]:
+        subs = self._subs.get(subscriber)
+        if subs is None:
+            return ()
+        return (subs,) if isinstance(subs, str) else subs
+
     def drop(self, subscriber: C) -> list[str]:
         """Release everything ``subscriber`` holds (it went away); return those topics."""
-        subs = self._subs.pop(subscriber, None)
-        if not subs:
-            return []
-        for topic in subs:
+        held = self._held(subscriber)
+        self._subs.pop(subscriber, None)
+        if held:
+            self._freeze()
+        for topic in held:
             self._trie.remove(topic, subscriber)
             self._interest.remove(topic)
-        return sorted(subs)
+        return sorted(held)
 
     def revoke(self, subscriber: C, permissions: PermissionChecker) -> list[str]:
         """Release what ``subscriber`` holds that ``permissions`` no longer cover; return it."""
-        gone = [t for t in self._subs.get(subscriber, ()) if not permissions.may_subscribe(t)]
+        gone = [t for t in self._held(subscriber) if not permissions.may_subscribe(t)]
         for topic in gone:
             self.unsubscribe(subscriber, topic)
         return sorted(gone)
@@ -191,7 +219,7 @@ class Router(Generic[C]):
 
     def subscriptions(self, subscriber: C) -> frozenset[str]:
         """The topics ``subscriber`` holds."""
-        return frozenset(self._subs.get(subscriber, ()))
+        return frozenset(self._held(subscriber))
 
     def subscriber_count(self) -> int:
         """Subscribers holding at least one subscription."""

@@ -46,11 +46,12 @@ from dwsps.links.backplane import BackplaneLink, BackplaneOptions, create_backpl
 from dwsps.links.peering import PeerAuth, PeerLinks
 from dwsps.listener import Admitted, FrontDoor, ListenerSettings, PicowsLog
 from dwsps.messages import Clock, Publish
-from dwsps.metrics import Metrics
+from dwsps.metrics import Metrics, WorkerMetrics
 from dwsps.permissions import Permissions
 from dwsps.startup import check_startup
 from dwsps.topics import validate
 from dwsps.web import routes as web_routes
+from dwsps.workers import Worker
 
 log = logging.getLogger("dwsps.server")
 _WS_LOG = logging.getLogger("picows.dwsps.ws")
@@ -81,6 +82,7 @@ class Server:
         config: ServerConfig | None = None,
         *,
         authenticate: Authenticate | None = None,
+        worker: Worker | None = None,
         **options: Any,
     ) -> None:
         """Configure from a :class:`ServerConfig`, keyword options, or both (options win).
@@ -89,6 +91,8 @@ class Server:
         callable given each upgrade's :class:`~dwsps.auth.UpgradeRequest` that
         returns an :class:`~dwsps.auth.Identity` or raises
         :class:`~dwsps.errors.AuthError` (the client gets 401 with its reason).
+        ``worker`` makes this server one worker of ``dwsps serve --workers N``
+        (:mod:`dwsps.workers`): it shares the port and serves every worker's metrics.
         Raises :class:`~dwsps.errors.ConfigError` for unusable auth settings.
         """
         base = config or ServerConfig()
@@ -106,7 +110,16 @@ class Server:
         self.http.add("/health", self._status_route(self._health))
         self.http.add("/health/live", _live)
         self.http.add("/health/ready", self._ready)
-        self.http.add("/metrics", self._status_route(Metrics(self).response, summary=False))
+        self.worker = worker
+        metrics = Metrics(self)
+        self._worker_metrics: WorkerMetrics | None = None
+        if worker is None:
+            metrics_route = metrics.response
+        else:
+            self._worker_metrics = WorkerMetrics(metrics, worker.slot, worker.directory)
+            metrics_route = self._worker_metrics.response
+        self.http.add("/metrics", self._status_route(metrics_route, summary=False))
+        self._metrics_task: asyncio.Task[None] | None = None
         for path, handler in web_routes().items():
             self.http.add(path, handler)
         if api_key:
@@ -213,10 +226,14 @@ class Server:
             self.config.port,
             ssl=self._tls_context(),
             backlog=self.config.listen_backlog,
+            # Workers share the port; the kernel spreads connections over them.
+            reuse_port=self.worker is not None or None,
         )
         try:
             if self.config.heartbeat_interval > 0:
                 self._heartbeat = loop.create_task(self._heartbeat_loop())
+            if self._worker_metrics is not None:
+                self._metrics_task = loop.create_task(self._worker_metrics.run())
             for link in self._links:
                 await link.start()
         except BaseException:
@@ -235,11 +252,12 @@ class Server:
         if peering is not None:
             # First, while the rest still runs: peers get a chance to confirm.
             await peering.close()
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
-            self._heartbeat = None
+        for task in (self._heartbeat, self._metrics_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._heartbeat = self._metrics_task = None
         waits = [conn.wait_closed() for conn in list(self.connections.values()) if conn.go_away()]
         if waits:
             done = asyncio.gather(*waits, return_exceptions=True)

@@ -31,6 +31,8 @@ _MAX_PEM: Final = 1024 * 1024
 
 def check_startup(config: ServerConfig) -> None:
     """Raise :class:`ConfigError` (one line naming the setting) if ``config`` cannot be served."""
+    if config.workers < 1:
+        _fail("workers", f"must be at least 1, got {config.workers}")
     _check_tls(config.tls_cert, config.tls_key)
     for url in config.peers:
         _check_peer(url)

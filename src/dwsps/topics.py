@@ -49,14 +49,20 @@ def validate(topic: object, *, subscription: bool, limits: TopicLimits = DEFAULT
         raise TopicError(f"topic is longer than {limits.max_length} characters")
     if _BAD_CHAR.search(topic):
         raise TopicError(f"whitespace or control character in {topic!r}")
-    levels = topic.split(".")
-    if len(levels) > limits.max_levels:
+    if topic.count(".") >= limits.max_levels:
         raise TopicError(f"topic has more than {limits.max_levels} levels")
-    for level in levels:
-        if not level:
-            raise TopicError(f"empty level in {topic!r}")
-        if level == WILDCARD and not subscription:
-            raise TopicError(f"'*' level in published topic {topic!r}")
+    # Split only when a level may be bad (this runs for every publish).
+    if (
+        topic[0] == "."
+        or topic[-1] == "."
+        or ".." in topic
+        or (not subscription and WILDCARD in topic)
+    ):
+        for level in topic.split("."):
+            if not level:
+                raise TopicError(f"empty level in {topic!r}")
+            if level == WILDCARD and not subscription:
+                raise TopicError(f"'*' level in published topic {topic!r}")
     return topic
 
 

@@ -4,7 +4,8 @@ Engines (:class:`~dwsps.links.engine.Backplane`) are chosen by URL scheme with
 :func:`create_backplane`: ``memory://`` (the default: this server alone, so
 no link is made at all), ``memory://NAME`` (servers in one process sharing a
 named hub: embedding and tests), ``redis://`` and ``rediss://``
-(:mod:`dwsps.links.redis`).
+(:mod:`dwsps.links.redis`), ``ipc://`` (the workers of ``dwsps serve
+--workers N``, :mod:`dwsps.links.ipc`).
 
 A :class:`BackplaneLink` is the server's side, a :class:`~dwsps.links.Link`:
 
@@ -85,7 +86,7 @@ def create_backplane(url: str, options: BackplaneOptions) -> Backplane:
         _load_builtin(scheme)
         factory = _SCHEMES.get(scheme)
     if factory is None:
-        known = ", ".join(sorted({*_SCHEMES, "memory", "redis", "rediss"}))
+        known = ", ".join(sorted({*_SCHEMES, "memory", "redis", "rediss"} - {"ipc"}))
         raise ConfigError(f"backplane: unknown scheme {scheme!r} in {redact(url)}; known: {known}")
     return factory(url, options)
 
@@ -101,6 +102,10 @@ def _load_builtin(scheme: str) -> None:
 
         register_scheme("redis", redis.RedisBackplane)
         register_scheme("rediss", redis.RedisBackplane)
+    elif scheme == "ipc":
+        from dwsps.links import ipc
+
+        register_scheme("ipc", ipc.IpcBackplane.from_url)
 
 
 MARKER: Final[dict[str, Any]] = {"viaBackplane": True}
@@ -117,6 +122,7 @@ class BackplaneLink(Link):
         self.host = host
         self.backplane = backplane
         self._server_id = host.server_id
+        self._marker = MARKER if backplane.marks_deliveries else None
         self._wanted: set[str] = set()
         self._channel_seq: dict[str, int] = {}
         # channel key -> sender -> last channel sequence number seen
@@ -206,7 +212,7 @@ class BackplaneLink(Link):
         pub = Publish(
             e.topic, orjson.Fragment(e.body), e.timestamp, None, e.from_peer, e.origin, e.seq
         )
-        admission = self.host.receive(pub, MARKER)
+        admission = self.host.receive(pub, self._marker)
         if admission is Admission.NEW:
             self.delivered += 1
         elif admission is Admission.DUPLICATE:

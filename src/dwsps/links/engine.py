@@ -51,6 +51,10 @@ class Backplane(ABC):
     """False when nothing but this server can hear it (the private ``memory://``):
     the server then skips the backplane entirely."""
 
+    marks_deliveries: bool = True
+    """Whether deliveries that came through it carry ``"viaBackplane": true``
+    (False for ``ipc://``: the workers of one server are one server to clients)."""
+
     @abstractmethod
     async def start(self, sink: Sink, on_state: StateListener) -> None:
         """Begin; returns without waiting for an unreachable engine."""
