@@ -440,6 +440,7 @@ class Hub:
         history = self.history
         assert history is not None
         pubs, done, offset = recovery.publications, 0, recovery.offset
+        finished = False
         try:
             while True:
                 # Checked before every page, so that several replays on one
@@ -454,7 +455,6 @@ class Hub:
                 if done >= len(pubs):
                     more = history.recover(req.topic, recovery.epoch, offset, self._now())
                     if not more.recovered:
-                        self.stats.recoveries_failed += 1
                         conn.fail(CloseCode.TRY_AGAIN_LATER, "recovery fell behind the history")
                         return
                     pubs, done, offset = more.publications, 0, more.offset
@@ -467,11 +467,15 @@ class Hub:
                             return
                         if self.events.has("subscribe"):
                             self.events.emit("subscribe", req.topic, conn.client_id)
+                        finished = True
                         return
         except Exception:
             log.exception("internal error replaying history to %s", conn.client_id)
             conn.fail(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
+            if not finished:
+                # Cut off: behind the history, a slow consumer, a drop, or an error.
+                self.stats.recoveries_failed += 1
             replays = self._replays.get(conn)
             if replays is not None and replays.get(req.topic) is asyncio.current_task():
                 del replays[req.topic]
