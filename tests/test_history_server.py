@@ -265,7 +265,11 @@ async def test_a_client_that_stops_reading_during_a_paged_replay_is_cut_off(
         assert await sub.wait_closed(within=WAIT) == 1013
     finally:
         await sub.dispose()
-    assert srv.stats.recoveries_failed == 1
+    # Cut off either way: the replay fell behind the ring (a failed recovery), or
+    # it finished while the reader was stalled and live deliveries then passed
+    # the outbound bound (a slow consumer); which one depends on how the read
+    # budget interleaves the publisher's frames with the replay's pages.
+    assert srv.stats.recoveries_failed + srv.stats.slow_consumers == 1
     assert len(srv.connections) == 1
 
 
