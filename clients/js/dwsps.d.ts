@@ -10,6 +10,38 @@ export interface Delivery {
   context: string;
   message: unknown;
   fromPeerServer?: boolean;
+  /** On a topic with history: its stream, offset and epoch. */
+  stream?: string;
+  offset?: number;
+  epoch?: string;
+  /** True on a delivery replayed by recovery. */
+  recovered?: boolean;
+  [field: string]: unknown;
+}
+
+/** A held subscription and where it is in its history stream (null: no history). */
+export interface SubscriptionState {
+  topic: string;
+  stream: string | null;
+  epoch: string | null;
+  /** The last position received: the next recovery replays what came after it. */
+  offset: number | null;
+  /** After the last reconnect: true when everything missed was replayed, false when messages
+   * were lost; null before any reconnect, or without history. */
+  recovered: boolean | null;
+}
+
+/** The reply to a `history` request. */
+export interface HistoryReply {
+  type: "history";
+  topic: string;
+  stream: string;
+  epoch: string;
+  offset: number;
+  /** At most `limit` of the latest kept publications, oldest first. */
+  publications: Delivery[];
+  truncated?: boolean;
+  id?: number | string;
   [field: string]: unknown;
 }
 
@@ -86,6 +118,9 @@ export interface ClientEvents {
   disconnect: (code: number, reason: string) => void;
   /** A reconnect is complete: every held subscription is subscribed again. */
   reconnect: () => void;
+  /** A subscription with history was resubscribed, before any replayed delivery;
+   * `recovered` false means messages published meanwhile are lost. */
+  recovery: (topic: string, recovered: boolean, reply: Ack) => void;
   /** Once, when the client is finished (close(), or a close code retrying cannot cure). */
   close: (code: number, reason: string) => void;
 }
@@ -97,12 +132,20 @@ export class Client {
   readonly connected: boolean;
   /** The topics this client holds. */
   readonly subscriptions: string[];
+  /** The held subscription `topic` (its history position and `recovered` flag), if any. */
+  subscription(topic: string): SubscriptionState | undefined;
   on<E extends keyof ClientEvents>(event: E, listener: ClientEvents[E]): this;
   off<E extends keyof ClientEvents>(event: E, listener: ClientEvents[E]): this;
   /** `handler` gets each delivery whose context is this subscription. */
   subscribe(topic: string, handler?: (delivery: Delivery) => void): Promise<Ack>;
   unsubscribe(topic: string): Promise<Ack>;
   publish(topic: string, message?: unknown): Promise<Ack>;
+  /** The latest kept publications of `topic` (`limit` 100); with `since`, only those after it.
+   * Rejects with `invalid_message` when no history is kept for `topic`. */
+  history(
+    topic: string,
+    options?: { limit?: number; since?: { epoch: string; offset: number } },
+  ): Promise<HistoryReply>;
   /** Sends an `auth` request with the new token; later reconnects use it too. */
   refreshToken(token: string): Promise<Ack>;
   close(code?: number, reason?: string): void;

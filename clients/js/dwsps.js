@@ -21,11 +21,28 @@
 // an in-flight publish rejects with `connection_lost`, since it may have been delivered.
 // Close codes that retrying cannot cure (1002, 1003, 1007, 1008: authentication or a broken
 // rule) end the client for good, as does close().
+//
+// Recovery (PROTOCOL.md, "History and recovery"): a subscription that lies inside one history
+// stream is acked with its `stream`, `epoch` and `offset`; the client remembers them and moves
+// them on with every delivery of that stream. On reconnect it resubscribes with
+// `recover: {epoch, offset}`, so the server replays what was published meanwhile before live
+// deliveries resume. `recovery(topic, recovered, reply)` is emitted from the ack, before any
+// replayed delivery; `recovered: false` means messages were lost (new epoch, or the history no
+// longer reaches back) and the position starts afresh from the ack's.
 
 /** Close codes that reconnecting cannot cure: the client stops and emits `close`. */
 const FATAL_CLOSE_CODES = new Set([1002, 1003, 1007, 1008]);
 
-const EVENTS = ["open", "message", "ack", "error", "disconnect", "reconnect", "close"];
+const EVENTS = [
+  "open",
+  "message",
+  "ack",
+  "error",
+  "disconnect",
+  "reconnect",
+  "recovery",
+  "close",
+];
 
 const DEFAULTS = {
   timeout: 10000,
@@ -48,6 +65,15 @@ export class DwspsError extends Error {
     this.code = code;
     this.reply = reply;
   }
+}
+
+/** Take the `stream`/`epoch`/`offset` of an ack into `entry` (none: not recoverable). */
+function takePosition(entry, reply) {
+  const { stream, epoch, offset } = reply;
+  const ok = typeof stream === "string" && typeof epoch === "string" && Number.isInteger(offset);
+  entry.stream = ok ? stream : null;
+  entry.epoch = ok ? epoch : null;
+  entry.offset = ok ? offset : null;
 }
 
 /** The WebSocket URL with `?token=` set (browsers cannot send an Authorization header). */
@@ -74,7 +100,7 @@ export class Client {
   #pending = new Map();
   /** requests waiting for a connection, in call order */
   #queue = [];
-  /** topic -> { handler, acked } */
+  /** topic -> { handler, acked, stream, epoch, offset, recovered } */
   #subscriptions = new Map();
   #listeners = new Map(EVENTS.map((e) => [e, new Set()]));
 
@@ -124,14 +150,32 @@ export class Client {
   }
 
   /**
+   * The held subscription `topic`: its history position and `recovered` flag (true or false
+   * after a reconnect that recovered it or lost messages; null before one, or without history).
+   */
+  subscription(topic) {
+    const entry = this.#subscriptions.get(topic);
+    if (!entry) return undefined;
+    const { stream, epoch, offset, recovered } = entry;
+    return { topic, stream, epoch, offset, recovered };
+  }
+
+  /**
    * Subscribe to `topic`; `handler` gets each delivery whose context is this subscription.
    * Resolves with the ack, rejects with a DwspsError.
    */
   subscribe(topic, handler) {
     const previous = this.#subscriptions.get(topic);
-    const entry = { handler: handler ?? previous?.handler, acked: previous?.acked ?? false };
+    const entry = {
+      handler: handler ?? previous?.handler,
+      acked: previous?.acked ?? false,
+      stream: null,
+      epoch: null,
+      offset: null,
+      recovered: null,
+    };
     this.#subscriptions.set(topic, entry);
-    const done = this.#request({ type: "subscribe", topic });
+    const done = this.#request({ type: "subscribe", topic }, (reply) => takePosition(entry, reply));
     done.then(
       () => {
         entry.acked = true;
@@ -157,6 +201,17 @@ export class Client {
   }
 
   /**
+   * The latest kept publications of `topic` (at most `limit`, oldest first): resolves with the
+   * server's `history` reply (`epoch`, `offset`, `publications`); with `since: {epoch, offset}`
+   * only those after it. Rejects with `invalid_message` when no history is kept for `topic`.
+   */
+  history(topic, { limit = 100, since } = {}) {
+    const fields = { type: "history", topic, limit };
+    if (since) fields.since = { epoch: since.epoch, offset: since.offset };
+    return this.#request(fields);
+  }
+
+  /**
    * Replace the connection's token (an `auth` request) before the old one expires; later
    * reconnects use the new token too. Resolves with the ack; a bad token rejects with
    * `unauthorized` and the server closes the connection (1008), which ends the client.
@@ -176,7 +231,8 @@ export class Client {
 
   // -- requests ------------------------------------------------------------
 
-  #request(fields) {
+  /** `onAck(reply)` runs as the reply is read, before any frame that follows it. */
+  #request(fields, onAck = null, resubscribe = false) {
     if (this.#closed) {
       return Promise.reject(new DwspsError("closed", "the client is closed"));
     }
@@ -186,7 +242,7 @@ export class Client {
       );
     }
     return new Promise((resolve, reject) => {
-      const req = { id: this.#nextId++, fields, resolve, reject, timer: null };
+      const req = { id: this.#nextId++, fields, onAck, resubscribe, resolve, reject, timer: null };
       req.timer = setTimeout(() => this.#timedOut(req), this.#options.timeout);
       // A socket that is closing (its close event not in yet) takes nothing: queue for the next.
       if (this.#connected && this.#ws.readyState === 1) this.#send(req);
@@ -213,7 +269,8 @@ export class Client {
   #settle(req, reply) {
     clearTimeout(req.timer);
     this.#pending.delete(req.id);
-    if (reply.type === "ack") {
+    if (reply.type !== "error") {
+      if (req.onAck) this.#call(req.onAck, reply);
       req.resolve(reply);
     } else {
       const detail = reply.detail ? `: ${reply.detail}` : "";
@@ -224,8 +281,9 @@ export class Client {
   /** The request a reply answers: by id, else the oldest in flight with its action and topic. */
   #requestFor(reply) {
     if (reply.id !== undefined) return this.#pending.get(reply.id);
+    const action = reply.type === "history" ? "history" : reply.action;
     for (const req of this.#pending.values()) {
-      if (req.fields.type === reply.action && req.fields.topic === reply.topic) return req;
+      if (req.fields.type === action && req.fields.topic === reply.topic) return req;
     }
     return undefined;
   }
@@ -266,21 +324,48 @@ export class Client {
 
   /**
    * Subscribe again to everything held, after a reconnect; resolves when every reply is in.
-   * The one place that builds those requests: history recovery (PROTOCOL.md, "History and
-   * recovery") will add `recover: {epoch, offset}` per subscription here.
+   * The one place that builds those requests.
    */
   #resubscribe() {
     const held = [...this.#subscriptions].filter(([, entry]) => entry.acked);
     return Promise.all(
-      held.map(([topic]) =>
-        this.#request({ type: "subscribe", topic }).catch((err) => {
-          if (err.code === "closed") return;
-          this.#subscriptions.delete(topic);
+      held.map(([topic, entry]) =>
+        this.#resubscribeOne(topic, entry).catch((err) => {
+          // closed: nothing to do; connection_lost: the next open resubscribes it.
+          if (err.code === "closed" || err.code === "connection_lost") return;
+          if (this.#subscriptions.get(topic) === entry) this.#subscriptions.delete(topic);
           // An error reply was emitted when it came in; a timeout is news.
           if (!err.reply) this.#emit("error", err);
         }),
       ),
     );
+  }
+
+  /** Subscribe `entry` again, recovering from its position when it has one. */
+  async #resubscribeOne(topic, entry) {
+    const recovery = (ok, reply) => {
+      if (!ok) takePosition(entry, reply); // start afresh from the server's position
+      entry.recovered = ok;
+      this.#emit("recovery", topic, ok, reply);
+    };
+    if (entry.epoch === null || entry.offset === null) {
+      return this.#resubscribeRequest({ type: "subscribe", topic }, (r) => takePosition(entry, r));
+    }
+    const recover = { epoch: entry.epoch, offset: entry.offset };
+    try {
+      return await this.#resubscribeRequest({ type: "subscribe", topic, recover }, (reply) =>
+        recovery(reply.recovered === true, reply),
+      );
+    } catch (err) {
+      if (err.code !== "invalid_message") throw err;
+      // This server keeps no history for it (any more): a plain subscribe, messages lost.
+      return this.#resubscribeRequest({ type: "subscribe", topic }, (r) => recovery(false, r));
+    }
+  }
+
+  /** A resubscribe is not sent again after a drop (a second `recover` would replay twice). */
+  #resubscribeRequest(fields, onAck) {
+    return this.#request(fields, onAck, true);
   }
 
   #received(data) {
@@ -293,8 +378,20 @@ export class Client {
     if (msg === null || typeof msg !== "object") return;
     if (msg.type === "publish") {
       this.#emit("message", msg);
-      const handler = this.#subscriptions.get(msg.context)?.handler;
-      if (handler) this.#call(handler, msg);
+      const entry = this.#subscriptions.get(msg.context);
+      if (!entry) return;
+      if (entry.stream !== null && msg.stream === entry.stream) {
+        if (typeof msg.epoch === "string" && Number.isInteger(msg.offset)) {
+          entry.epoch = msg.epoch;
+          entry.offset = msg.offset;
+        }
+      }
+      if (entry.handler) this.#call(entry.handler, msg);
+      return;
+    }
+    if (msg.type === "history") {
+      const req = this.#requestFor(msg);
+      if (req) this.#settle(req, msg);
       return;
     }
     if (msg.type === "ack" || msg.type === "error") {
@@ -318,10 +415,10 @@ export class Client {
     const inFlight = [...this.#pending.values()];
     this.#pending.clear();
     for (const req of inFlight.reverse()) {
-      if (req.fields.type === "publish") {
+      if (req.fields.type === "publish" || req.resubscribe) {
         clearTimeout(req.timer);
         req.reject(
-          new DwspsError("connection_lost", "the connection dropped before the publish was acked"),
+          new DwspsError("connection_lost", `the connection dropped before the ${req.fields.type} was acked`),
         );
       } else {
         this.#queue.unshift(req);

@@ -1,0 +1,166 @@
+// History recovery against a real `dwsps serve --history 'chat.*:1000'`: a connection cut by a
+// TCP proxy in this process recovers every offset exactly once, a restart (new epoch) reports
+// `recovered: false`, and history() answers with the kept publications.
+import assert from "node:assert/strict";
+import { createConnection, createServer } from "node:net";
+import { after, before, describe, test } from "node:test";
+
+import { Client } from "../dwsps.js";
+import { collector, freePort, next, scaled, serve } from "./helpers.mjs";
+
+const HISTORY = ["--history", "chat.*:1000"];
+
+/** A TCP proxy to `port` on 127.0.0.1: cut() drops every connection and refuses new ones. */
+async function proxy(port) {
+  const sockets = new Set();
+  let down = false;
+  const server = createServer((inbound) => {
+    if (down) return inbound.destroy();
+    const outbound = createConnection({ host: "127.0.0.1", port });
+    for (const [a, b] of [
+      [inbound, outbound],
+      [outbound, inbound],
+    ]) {
+      sockets.add(a);
+      a.pipe(b);
+      a.on("error", () => b.destroy());
+      a.on("close", () => {
+        sockets.delete(a);
+        b.destroy();
+      });
+    }
+  });
+  await new Promise((ok) => server.listen(0, "127.0.0.1", ok));
+  return {
+    url: `ws://127.0.0.1:${server.address().port}`,
+    cut() {
+      down = true;
+      for (const s of sockets) s.destroy();
+    },
+    restore() {
+      down = false;
+    },
+    close() {
+      this.cut();
+      return new Promise((ok) => server.close(ok));
+    },
+  };
+}
+
+describe("recovery", () => {
+  let server;
+  const clients = [];
+  const client = (url, options) => {
+    const c = new Client(url, { backoffInitial: 20, backoffMax: 200, ...options });
+    clients.push(c);
+    return c;
+  };
+
+  before(async () => {
+    server = await serve(HISTORY);
+  });
+  after(async () => {
+    for (const c of clients) c.close();
+    await server.stop();
+  });
+
+  test("a cut connection recovers every offset exactly once, in order", async () => {
+    const link = await proxy(server.port);
+    try {
+      const sub = client(link.url);
+      const pub = client(server.url);
+      const log = [];
+      const got = collector(30, scaled(20000));
+      const tenth = collector(10);
+      sub.on("recovery", (topic, recovered) => log.push(["recovery", topic, recovered]));
+      const ack = await sub.subscribe("chat.room1", (d) => {
+        log.push(["delivery", d.offset, d.recovered === true]);
+        got.push(d);
+        if (d.offset <= 10) tenth.push(d);
+      });
+      assert.equal(ack.stream, "chat.room1");
+      assert.equal(ack.offset, 0);
+      const first = sub.subscription("chat.room1");
+      assert.equal(first.epoch, ack.epoch);
+      assert.equal(first.recovered, null);
+
+      for (let i = 1; i <= 10; i++) await pub.publish("chat.room1", i);
+      await tenth.done;
+      assert.equal(sub.subscription("chat.room1").offset, 10);
+      const dropped = next(sub, "disconnect");
+      link.cut();
+      await dropped;
+      for (let i = 11; i <= 20; i++) await pub.publish("chat.room1", i);
+      const reconnected = next(sub, "reconnect", scaled(20000));
+      link.restore();
+      await reconnected;
+      for (let i = 21; i <= 30; i++) await pub.publish("chat.room1", i);
+
+      const items = await got.done;
+      assert.deepEqual(
+        items.map((d) => d.offset),
+        Array.from({ length: 30 }, (_, i) => i + 1),
+      );
+      assert.deepEqual(
+        items.map((d) => d.message),
+        Array.from({ length: 30 }, (_, i) => i + 1),
+      );
+      // The recovery event comes before the first replayed delivery, which are 11..20.
+      const at = log.findIndex(([kind]) => kind === "recovery");
+      assert.deepEqual(log[at], ["recovery", "chat.room1", true]);
+      assert.deepEqual(log[at + 1], ["delivery", 11, true]);
+      assert.equal(log.filter(([kind]) => kind === "recovery").length, 1);
+      const state = sub.subscription("chat.room1");
+      assert.equal(state.recovered, true);
+      assert.equal(state.offset, 30);
+      assert.equal(state.stream, "chat.room1");
+    } finally {
+      await link.close();
+    }
+  });
+
+  test("history() answers with the latest publications, and after `since`", async () => {
+    const c = client(server.url);
+    for (let i = 1; i <= 5; i++) await c.publish("chat.hist", { n: i });
+    const reply = await c.history("chat.hist", { limit: 3 });
+    assert.equal(reply.type, "history");
+    assert.equal(reply.offset, 5);
+    assert.deepEqual(
+      reply.publications.map((d) => d.message.n),
+      [3, 4, 5],
+    );
+    const since = await c.history("chat.hist", { since: { epoch: reply.epoch, offset: 4 } });
+    assert.deepEqual(
+      since.publications.map((d) => d.offset),
+      [5],
+    );
+    await assert.rejects(c.history("news"), { code: "invalid_message" });
+  });
+});
+
+test("after a restart (a new epoch) recovery reports recovered: false", async () => {
+  const port = await freePort();
+  let server = await serve(HISTORY, port);
+  const c = new Client(server.url, { backoffInitial: 20, backoffMax: 200 });
+  try {
+    const ack = await c.subscribe("chat.lost");
+    const delivered = next(c, "message");
+    await c.publish("chat.lost", "before");
+    await delivered;
+    assert.equal(c.subscription("chat.lost").offset, 1);
+    await server.stop();
+    const recovery = next(c, "recovery", scaled(20000));
+    server = await serve(HISTORY, port);
+    const [topic, recovered, reply] = await recovery;
+    assert.equal(topic, "chat.lost");
+    assert.equal(recovered, false);
+    assert.notEqual(reply.epoch, ack.epoch);
+    const state = c.subscription("chat.lost");
+    assert.equal(state.recovered, false);
+    assert.equal(state.epoch, reply.epoch);
+    assert.equal(state.offset, 0);
+  } finally {
+    c.close();
+    await server.stop();
+  }
+});
