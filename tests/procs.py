@@ -17,6 +17,33 @@ import sys
 
 from tests.support import scaled
 
+CLI_WAIT = scaled(10.0)
+
+
+async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run ``python -m dwsps ARGS`` to completion; return (exit code, stdout, stderr).
+
+    ``env`` is added to this process's environment.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "dwsps",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), CLI_WAIT)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 _LISTENING = re.compile(rb"dwsps listening on (wss?://\S+)")
 
 

@@ -23,29 +23,10 @@ from dwsps import Client
 from dwsps.cli import main
 from dwsps.errors import InvalidTopicError, TooManySubscriptionsError
 from tests.conftest import ProcessFactory
+from tests.procs import run_cli
 from tests.support import free_port, scaled
 
 WAIT = scaled(10.0)
-
-
-async def run_cli(*args: str) -> tuple[int, str, str]:
-    """Run ``python -m dwsps ARGS`` to completion; return (exit code, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "dwsps",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), WAIT)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 @contextlib.asynccontextmanager

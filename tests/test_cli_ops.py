@@ -24,8 +24,8 @@ import pytest
 from dwsps.cli import _too_large
 from dwsps.logs import JsonFormatter
 from tests.conftest import ClientFactory, PortFactory, ProcessFactory, ServerFactory
+from tests.procs import run_cli
 from tests.support import scaled
-from tests.test_cli import run_cli
 from tests.wsclient import is_delivery
 
 WAIT = scaled(15.0)

@@ -25,6 +25,7 @@ from dwsps.auth import JwtVerifier, mint_token
 from dwsps.cli import main
 from dwsps.tokens import TOKEN_ENV, TokenSourceError, add_token_options, token_from_args
 from tests.conftest import ServerFactory
+from tests.procs import run_cli
 from tests.support import scaled
 
 SECRET = "tokens-test-secret-0123456789abcdef"
@@ -175,26 +176,6 @@ def test_token_sources_in_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
 
 
 # -- pub, sub and bench against a server that requires a token --------------------
-
-
-async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "dwsps",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), WAIT)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_pub_and_sub_present_their_tokens(make_server: ServerFactory, tmp_path: Path) -> None:
