@@ -20,6 +20,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import socket
 import threading
 import time
@@ -33,10 +34,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from dwsps import Client, Server
 from dwsps.auth import Identity, UpgradeRequest, mint_token
 from dwsps.errors import AuthError, ConnectionClosed, ForbiddenError, UnauthorizedError
+from dwsps.metrics import render
 from dwsps.permissions import Permissions
 from tests.conftest import ClientFactory, ProcessFactory, ServerFactory
 from tests.support import eventually, scaled
@@ -992,6 +995,22 @@ async def test_origin_allow_list_is_403(
     await ok.sync()
     no_origin = await connect(open_client, srv.url, mint())  # not a browser: not affected
     await no_origin.sync()
+
+
+async def test_refused_upgrades_are_counted_by_status_and_not_logged_above_debug(
+    make_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    srv = await jwt_server(make_server, allowed_origins=["https://app.example"])
+    with caplog.at_level(logging.INFO):
+        assert_refused(await refusal(srv.url), 401, "missing token")
+        assert_refused(await refusal(srv.url, token="junk"), 401, "malformed token")
+        err = await refusal(srv.url, headers={"Origin": "https://evil.example"})
+        assert_refused(err, 403, "origin not allowed")
+    assert srv.stats.upgrades_refused == {"401": 2, "403": 1}
+    families = {f.name: f for f in text_string_to_metric_families(render(srv).decode())}
+    by_status = {s.labels["status"]: s.value for s in families["dwsps_upgrades_refused"].samples}
+    assert by_status == {"401": 2.0, "403": 1.0, "429": 0.0, "503": 0.0}
+    assert not [r for r in caplog.records if "refused" in r.getMessage()]
 
 
 async def test_handshake_timeout_still_applies_with_auth_on(make_server: ServerFactory) -> None:

@@ -93,6 +93,8 @@ class ServerStats:
     """Connections closed for holding more subscriptions matching one publish than allowed."""
     errors_by_code: Counter[str] = field(default_factory=Counter)
     """``errors_sent`` per error code (the ErrorCode's value)."""
+    upgrades_refused: Counter[str] = field(default_factory=Counter)
+    """WebSocket upgrades refused at admission, per HTTP status (401, 403, 429, 500, 503)."""
 
     def as_dict(self) -> dict[str, Any]:
         """The counters as a plain dict (``errors_by_code`` copied)."""

@@ -71,6 +71,8 @@ class Counters(Protocol):
     @property
     def errors_by_code(self) -> Mapping[str, int]: ...
     @property
+    def upgrades_refused(self) -> Mapping[str, int]: ...
+    @property
     def slow_consumers(self) -> int: ...
     @property
     def heartbeat_timeouts(self) -> int: ...
@@ -292,6 +294,7 @@ class ServerCollector(Collector):
         for name, field, help_text in _SERVER_COUNTERS:
             yield CounterMetricFamily(name, help_text, value=getattr(stats, field))
         yield _errors(stats.errors_by_code)
+        yield _refused(stats.upgrades_refused)
         yield from _peers(server.peer_status())
         history = server.hub.history
         if history is not None:
@@ -313,6 +316,20 @@ def _errors(by_code: Mapping[str, int]) -> Metric:
     for code in [*ErrorCode, *sorted(set(by_code) - set(ErrorCode))]:
         errors.add_metric([str(code)], by_code.get(code, 0))
     return errors
+
+
+_REFUSAL_STATUSES: Final = ("401", "403", "429", "503")
+
+
+def _refused(by_status: Mapping[str, int]) -> Metric:
+    refused = CounterMetricFamily(
+        "dwsps_upgrades_refused",
+        "WebSocket upgrades refused at admission, by HTTP status",
+        labels=["status"],
+    )
+    for status in [*_REFUSAL_STATUSES, *sorted(set(by_status) - set(_REFUSAL_STATUSES))]:
+        refused.add_metric([status], by_status.get(status, 0))
+    return refused
 
 
 def _state_family(

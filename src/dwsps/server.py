@@ -372,13 +372,13 @@ class Server:
     def admit(self, request: HttpRequest) -> Admitted | Awaitable[Admitted]:
         """Decide on a WebSocket upgrade: Origin, connection caps, peer token, authentication."""
         if not self._origins.allows(request.headers.get("Origin")):
-            return text_response(403, "origin not allowed")
+            return self._refuse(403, "origin not allowed")
         hub = self.hub
         if hub.over_budget:
-            return text_response(503, "server over its memory budget")
+            return self._refuse(503, "server over its memory budget")
         refused = hub.admission.admit(request.remote)
         if refused is not None:
-            return text_response(
+            return self._refuse(
                 refused,
                 "server at its connection limit"
                 if refused == 503
@@ -396,8 +396,15 @@ class Server:
             identity = auth.authenticate(upgrade)
         except AuthError as exc:
             hub.admission.release(request.remote)
-            return text_response(401, exc.reason)
+            return self._refuse(401, exc.reason)
         return hub.new_connection(False, identity, request.remote)
+
+    def _refuse(self, status: int, reason: str) -> HttpResponse:
+        # Counted, and logged at debug only: refusals are what a flood of bad
+        # clients produces, so they must not flood the log.
+        self.hub.stats.upgrades_refused[str(status)] += 1
+        log.debug("upgrade refused: %d %s", status, reason)
+        return text_response(status, reason)
 
     async def _admit_async(self, auth: Authenticator, upgrade: UpgradeRequest) -> Admitted:
         # Bounded like the rest of the handshake: a hung hook must not hold the slot.
@@ -407,11 +414,11 @@ class Server:
             )
         except AuthError as exc:
             self.hub.admission.release(upgrade.remote)
-            return text_response(401, exc.reason)
+            return self._refuse(401, exc.reason)
         except TimeoutError:
             self.hub.admission.release(upgrade.remote)
             log.warning("the authenticate hook did not answer within the handshake timeout")
-            return text_response(503, "authentication timed out")
+            return self._refuse(503, "authentication timed out")
         except BaseException:
             self.hub.admission.release(upgrade.remote)
             raise
