@@ -17,7 +17,7 @@ import sys
 
 from tests.support import scaled
 
-CLI_WAIT = scaled(10.0)
+CLI_WAIT = scaled(20.0)
 
 
 async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:

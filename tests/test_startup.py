@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 from dwsps.config import ServerConfig
 from dwsps.errors import ConfigError
 from dwsps.startup import check_startup
+from tests.procs import run_cli
 from tests.support import scaled
 
 WAIT = scaled(20.0)
@@ -42,20 +42,7 @@ def pems(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 async def serve(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """``python -m dwsps serve --port 0 ARGS`` until it exits: (code, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "dwsps", "serve", "--host", "127.0.0.1", "--port", "0", *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )  # fmt: skip
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), WAIT)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_cli("serve", "--host", "127.0.0.1", "--port", "0", *args, env=env)
 
 
 BAD = [  # (flags, the setting named, the problem); {d} is the folder of the PEM files
