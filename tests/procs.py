@@ -20,6 +20,18 @@ from tests.support import scaled
 CLI_WAIT = scaled(20.0)
 
 
+async def finish(proc: asyncio.subprocess.Process, timeout: float) -> tuple[bytes, bytes]:
+    """Await ``proc``'s exit and output; killed (and reaped) if it outlives ``timeout``."""
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return out or b"", err or b""
+
+
 async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """Run ``python -m dwsps ARGS`` to completion; return (exit code, stdout, stderr).
 
@@ -34,14 +46,8 @@ async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, s
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **(env or {})},
     )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), CLI_WAIT)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    out, err = await finish(proc, CLI_WAIT)
+    return proc.returncode or 0, out.decode(), err.decode()
 
 
 _LISTENING = re.compile(rb"dwsps listening on (wss?://\S+)")

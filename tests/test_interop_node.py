@@ -19,6 +19,7 @@ import pytest
 from dwsps.auth import mint_token
 from dwsps.permissions import Permissions
 from tests.conftest import ServerFactory
+from tests.procs import finish
 from tests.support import scaled
 
 INTEROP = Path(__file__).parent / "interop"
@@ -41,12 +42,7 @@ async def run_node(script: str, *args: str) -> tuple[int, dict[str, object], str
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), scaled(30))
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    out, err = await finish(proc, scaled(30))
     lines = out.decode().strip().splitlines()
     assert lines, f"no output; stderr: {err.decode()}"
     return proc.returncode or 0, orjson.loads(lines[-1]), err.decode()

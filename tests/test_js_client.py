@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.procs import finish
 from tests.support import scaled
 
 PACKAGE = Path(__file__).resolve().parent.parent / "clients" / "js"
@@ -50,12 +51,7 @@ async def test_node_suite_passes() -> None:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), scaled(90))
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    out, _ = await finish(proc, scaled(90))
     report = out.decode(errors="replace")
     assert proc.returncode == 0, report
     assert "\n# fail 0" in report, report

@@ -7,6 +7,8 @@ import re
 import sys
 from pathlib import Path
 
+from tests.procs import finish
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -22,12 +24,7 @@ async def _run(code: str, timeout: float = 30.0) -> tuple[int, str]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    out, _ = await finish(proc, timeout)
     assert proc.returncode is not None
     return proc.returncode, out.decode(errors="replace")
 

@@ -13,7 +13,7 @@ import pytest
 from dwsps.config import ServerConfig
 from dwsps.errors import ConfigError
 from dwsps.startup import check_startup
-from tests.procs import run_cli
+from tests.procs import finish, run_cli
 from tests.support import scaled
 
 WAIT = scaled(20.0)
@@ -148,7 +148,7 @@ async def test_a_port_in_use_is_one_line() -> None:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
-        out, err = await asyncio.wait_for(proc.communicate(), WAIT)
+        out, err = await finish(proc, WAIT)
     assert (proc.returncode, out) == (1, b"")
     assert (
         err.decode() == f"dwsps serve: cannot listen on 127.0.0.1:{port}: address already in use\n"
