@@ -109,10 +109,18 @@ async def test_reports_loss_when_subscribers_are_cut(
 ) -> None:
     # A tiny outbound limit makes the server close subscribers as slow consumers:
     # the bench must say so and exit non-zero rather than report a clean run.
+    # The limit counts what waits in the server, not what the kernel took, so
+    # the publisher must outrun the subscribers (ack flow, messages near the
+    # frame limit, four subscribers in one process) for anything to wait at all.
     server = await make_server(max_outbound_buffer=1)
     rc, result, table = await bench(
-        tmp_path, "fanout", "--url", server.url, "--subs", "2", "--payload", "100000"
-    )
+        tmp_path,
+        "fanout",
+        "--url", server.url,
+        "--subs", "4",
+        "--payload", "900000",
+        "--flow", "ack",
+    )  # fmt: skip
     assert rc == 1
     assert result["subsClosed"] > 0
     assert "LOSS" in table
