@@ -31,6 +31,7 @@ from tests.wsclient import (
     encode_frame,
     health,
     http_get,
+    http_request,
     is_delivery,
     is_type,
     open_socket,
@@ -260,10 +261,13 @@ async def _buffered(url: str, at_most: int) -> bool:
     return bool((await health(url))["buffered_bytes"] <= at_most)
 
 
+API_KEY = {"Authorization": "Bearer k"}
+
+
 async def test_over_the_memory_budget_new_work_is_refused_until_memory_returns(
     make_server: ServerFactory, open_client: ClientFactory
 ) -> None:
-    srv = await make_server(memory_budget=4 * 1024 * 1024)
+    srv = await make_server(memory_budget=4 * 1024 * 1024, api_key="k")
     p, spare = await open_client(srv.url), await open_client(srv.url)
     holders = [await open_client(srv.url) for _ in range(5)]
     payload = b'{"type":"publish","message":"' + b"x" * 900_000
@@ -272,6 +276,9 @@ async def test_over_the_memory_budget_new_work_is_refused_until_memory_returns(
     await eventually(lambda: srv.hub.over_budget, "the budget passed")
     err = await p.request({"type": "publish", "topic": "t", "message": 1})
     assert (err["type"], err["error"]) == ("error", "overloaded")
+    body = b'{"topic": "t", "message": 1}'
+    status, _, data = await http_request(srv.url, "POST", "/api/publish", body, API_KEY)
+    assert (status, orjson.loads(data)["error"]) == (503, "overloaded")
     with pytest.raises(HandshakeError) as refused:
         await RawClient.connect(srv.url)
     assert refused.value.status == 503
@@ -283,6 +290,8 @@ async def test_over_the_memory_budget_new_work_is_refused_until_memory_returns(
     await eventually(lambda: not srv.hub.over_budget, "the memory given back")
     ack = await p.request({"type": "publish", "topic": "t", "message": 2})
     assert ack["type"] == "ack"
+    status, _, _ = await http_request(srv.url, "POST", "/api/publish", body, API_KEY)
+    assert status == 200
     assert (await health(srv.url))["buffered_bytes"] == len(payload)  # the one still open
     await holders[0].close()
     await eventually(lambda: srv.hub.buffered_bytes == 0, "all of it given back")

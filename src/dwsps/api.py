@@ -11,7 +11,9 @@ topic rules and error codes.
     ``offset``, ``epoch`` when the topic has history); or a JSON array
     of such objects → 200 ``{"published": n, "deliveries": N}``. Every item is
     validated before any is published; a bad one → 400 ``{"error", "detail",
-    "index"}``. A body over the frame size limit → 413 (the listener).
+    "index"}``. A body over the frame size limit → 413 (the listener). While
+    the server is over its memory budget → 503 ``overloaded``, as a WebSocket
+    publish would be refused.
 ``GET /api/topics``
     ``{"topics": {subscription topic: local subscribers}}``.
 ``GET /api/connections``
@@ -63,6 +65,11 @@ class HttpApi:
             body = orjson.loads(request.body)
         except orjson.JSONDecodeError as exc:
             return _error(ProtocolError(ErrorCode.INVALID_JSON, f"not valid JSON: {exc}"))
+        if self._hub.over_budget:
+            overloaded = ProtocolError(
+                ErrorCode.OVERLOADED, "the server is over its memory budget; try again later"
+            )
+            return _error(overloaded, status=503)
         items = body if isinstance(body, list) else [body]
         if isinstance(body, list) and not 0 < len(body) <= MAX_BATCH:
             detail = f"a batch holds 1 to {MAX_BATCH} publishes"
@@ -119,8 +126,8 @@ def _unauthorized() -> HttpResponse:
     return unauthorized("a valid API key")
 
 
-def _error(err: ProtocolError, index: int | None = None) -> HttpResponse:
+def _error(err: ProtocolError, index: int | None = None, status: int = 400) -> HttpResponse:
     doc: dict[str, Any] = {"error": str(err.code), "detail": err.detail}
     if index is not None:
         doc["index"] = index
-    return json_response(doc, 400)
+    return json_response(doc, status)
