@@ -7,6 +7,7 @@ one when the connection is meant to stay open.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 
 import orjson
@@ -539,3 +540,23 @@ async def test_server_refuses_plain_http_upgrade_failures_cleanly(server: Server
     assert 400 <= info.value.status < 500
     status, _ = await http_get(server.url, "/health")
     assert status == 200
+
+
+@pytest.mark.parametrize("size", [200_000, 4_000_000])
+async def test_an_oversized_request_head_gets_its_431_not_a_reset(
+    server: Server, size: int
+) -> None:
+    # The client is still sending when the server answers: closing at once with
+    # unread input would make the kernel reset, and the 431 would be lost.
+    reader, writer = await open_socket(server.url)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * size + b"\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), scaled(10))
+        assert head.startswith(b"HTTP/1.1 431 "), head
+        # And the server ends the connection within its lingering bound.
+        while await asyncio.wait_for(reader.read(65536), scaled(10)):
+            pass
+    finally:
+        writer.close()

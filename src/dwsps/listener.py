@@ -4,7 +4,9 @@ A :class:`FrontDoor` reads the connection's first HTTP request (h11 parses
 it, bounded in size and time) and then does one of two things:
 
 * a plain HTTP request (any method, with a body up to a limit) is answered by
-  the :class:`Gate`'s routes and the connection is closed;
+  the :class:`Gate`'s routes and the connection is closed, lingering as a
+  WebSocket's does (:func:`~dwsps.stream.half_close`), so that an answer to a
+  client still sending (431, 413, a refused upgrade) is not lost to a reset;
 * a WebSocket upgrade is *admitted* by the gate first (Origin, connection
   caps, authentication — possibly awaiting an embedding application's hook)
   and, if it may proceed, the socket is handed to a picows protocol together
@@ -41,7 +43,7 @@ from picows import WSAutoPingStrategy, WSListener
 from picows.picows import WSProtocol  # type: ignore[attr-defined]
 
 from dwsps.http import HttpRequest, HttpResponse, text_response
-from dwsps.stream import ReadBuffer, Stream
+from dwsps.stream import DRAIN_BYTES, ReadBuffer, Stream, half_close
 
 log = logging.getLogger("dwsps.server")
 
@@ -144,6 +146,8 @@ class FrontDoor(asyncio.Protocol):
         self._request: h11.Request | None = None
         self._body = bytearray()
         self._timer: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
+        self._drained = 0
         self._done = False
         self._lost = False
 
@@ -158,9 +162,15 @@ class FrontDoor(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self._cancel_timer()
+        if self._linger is not None:
+            self._linger.cancel()
 
     def data_received(self, data: bytes) -> None:
         if self._done:
+            # Answered: what the client still sends is read and dropped (bounded).
+            self._drained += len(data)
+            if self._drained > DRAIN_BYTES and self._transport is not None:
+                self._transport.abort()
             return
         if self._request is None:
             # Kept until a handover: picows reads the upgrade request again.
@@ -174,7 +184,7 @@ class FrontDoor(asyncio.Protocol):
             self._answer(text_response(status, reason))
 
     def eof_received(self) -> bool | None:
-        return None  # close the transport
+        return False  # close the transport (lingering after an answer, or not)
 
     # -- reading the request ----------------------------------------------
 
@@ -306,7 +316,11 @@ class FrontDoor(asyncio.Protocol):
         method = b"GET" if upgrade or self._request is None else self._request.method
         out = _encode_response(response, with_body=method != b"HEAD")
         transport.write(out)
-        self._close()
+        # Not close(): with the client still sending (a huge head, a body not
+        # read) the kernel would reset, and the answer would be lost.
+        self._raw = bytearray()
+        self._body = bytearray()
+        self._linger = half_close(transport, asyncio.get_running_loop())
 
     def _close(self) -> None:
         self._done = True

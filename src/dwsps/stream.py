@@ -56,6 +56,23 @@ DRAIN_BYTES = 64 * 1024 * 1024
 LINGER = 3.0
 """Seconds a closing connection waits for the client to finish, at most."""
 
+
+def half_close(
+    transport: asyncio.Transport, loop: asyncio.AbstractEventLoop
+) -> asyncio.TimerHandle:
+    """Send FIN once the queued data is out and keep reading; drop after :data:`LINGER`.
+
+    The caller reads (and bounds, :data:`DRAIN_BYTES`) what still arrives and
+    closes at the client's EOF; the returned timer is cancelled when the
+    connection is lost.
+    """
+    timer = loop.call_later(LINGER, transport.abort)
+    transport.resume_reading()
+    if transport.can_write_eof():
+        transport.write_eof()
+    return timer
+
+
 # What a fresh picows protocol is told, so that it opens without a client.
 _CANNED_UPGRADE = (
     b"GET / HTTP/1.1\r\nHost: dwsps\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -312,10 +329,7 @@ class Stream(asyncio.BufferedProtocol):
             # writes its replies and the close frame first, then this runs again.
             self.loop.call_soon(self.close)
             return
-        self._linger = self.loop.call_later(LINGER, transport.abort)
-        transport.resume_reading()
-        if transport.can_write_eof():
-            transport.write_eof()  # FIN once the queued data is out
+        self._linger = half_close(transport, self.loop)
 
     def finish(self) -> None:
         """The close handshake is complete: close now (the client sends nothing more)."""
