@@ -878,6 +878,85 @@ async def test_client_token_refresh_and_reconnect_with_the_latest_token(
         assert (client.close_code, client.close_reason) == (1008, "unauthorized")
 
 
+async def test_client_token_provider_renews_before_exp_without_reconnecting(
+    make_server: ServerFactory, open_client: ClientFactory
+) -> None:
+    srv = await jwt_server(make_server)
+    issued: list[str] = []
+
+    async def provider() -> str:
+        issued.append(mint(sub=f"p-{len(issued) + 1}", ttl=3))
+        return issued[-1]
+
+    drops: list[int] = []
+    client = Client(srv.url, token_provider=provider, backoff_initial=0.01, backoff_max=0.05)
+    client.on("disconnect", lambda code, _reason: drops.append(code))
+    writer = await connect(open_client, srv.url, mint(sub="writer"))
+    async with client:
+        got: asyncio.Queue[object] = asyncio.Queue()
+        await client.subscribe("news", lambda msg: got.put_nowait(msg["message"]))
+        assert client.user == "p-1"
+        # Renewed ahead of exp (at most a fifth of the 3 s early), twice, on one connection.
+        await eventually(lambda: len(issued) >= 3, "two renewals", timeout=WAIT)
+        await eventually(
+            lambda: any(c.user == f"p-{len(issued)}" for c in srv.connections.values()),
+            "the server to hold the latest token",
+        )
+        await writer.publish("news", "still here")
+        assert await asyncio.wait_for(got.get(), WAIT) == "still here"
+        assert drops == []
+        assert client.token == issued[-1]
+
+
+async def test_client_token_provider_reconnects_when_the_token_expired(
+    make_server: ServerFactory, open_client: ClientFactory
+) -> None:
+    srv = await jwt_server(make_server, history=["news:100"])
+    calls = 0
+    expired = asyncio.Event()
+
+    def provider() -> str:  # sync providers work too
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return mint(sub="short", ttl=2)
+        if not expired.is_set():
+            raise RuntimeError("identity service down")  # the renewal ahead of exp fails
+        return mint(sub="fresh", ttl=3600)
+
+    client = Client(srv.url, token_provider=provider, backoff_initial=0.01, backoff_max=0.05)
+    closes: list[tuple[int, str]] = []
+    client.on("disconnect", lambda code, reason: (closes.append((code, reason)), expired.set()))
+    recoveries: list[bool] = []
+    client.on("recovery", lambda _topic, ok, _reply: recoveries.append(ok))
+    reconnected = asyncio.Event()
+    client.on("reconnect", reconnected.set)
+    writer = await connect(open_client, srv.url, mint(sub="writer"))
+    async with client:
+        got: list[object] = []
+        await client.subscribe("news", lambda msg: got.append(msg["message"]))
+        await writer.publish("news", 1)
+        await asyncio.wait_for(reconnected.wait(), WAIT)
+        assert closes == [(1008, "token expired")]
+        assert client.close_code is None
+        assert client.user == "fresh"
+        assert recoveries == [True]
+        await writer.publish("news", 2)
+        await eventually(lambda: got == [1, 2], "both deliveries, once each")
+
+
+async def test_client_token_provider_replaces_a_refused_token_on_connect(
+    make_server: ServerFactory,
+) -> None:
+    srv = await jwt_server(make_server)
+    stale = mint(ttl=None, expires_at=1000)
+    async with Client(srv.url, token=stale, token_provider=lambda: mint(sub="new")) as client:
+        assert client.user == "new"
+        await client.subscribe("news")
+    with pytest.raises(ConnectionClosed, match="token provider failed"):
+        await Client(srv.url, token=stale, token_provider=lambda: 1 / 0).connect()
+
+
 async def test_client_reports_refusals_with_the_reason_and_masks_url_tokens(
     make_server: ServerFactory,
 ) -> None:

@@ -26,7 +26,7 @@ from dwsps.cli import main
 from dwsps.tokens import TOKEN_ENV, TokenSourceError, add_token_options, token_from_args
 from tests.conftest import ServerFactory
 from tests.procs import run_cli
-from tests.support import scaled
+from tests.support import eventually, scaled
 
 SECRET = "tokens-test-secret-0123456789abcdef"
 WAIT = scaled(15.0)
@@ -225,6 +225,50 @@ async def test_pub_and_sub_present_their_tokens(make_server: ServerFactory, tmp_
     assert code == 1
     assert bad not in err
     assert "token=%2A%2A%2A" in err or "token=***" in err
+
+
+async def test_sub_reads_a_rotated_token_file_before_its_token_expires(
+    make_server: ServerFactory, tmp_path: Path
+) -> None:
+    srv = await make_server(auth_jwt_secret=SECRET, heartbeat_interval=0)
+    token_file = tmp_path / "token"
+    first = mint_token(SECRET, sub="first", ttl=5)
+    token_file.write_text(first + "\n")
+    first_exp = jwt.decode(first, options={"verify_signature": False})["exp"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "dwsps", "sub", "news", "--count", "1", "--url", srv.url),
+        *("--token-file", str(token_file)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, TOKEN_ENV: ""},
+    )
+    try:
+        assert proc.stderr is not None
+        line = await asyncio.wait_for(proc.stderr.readline(), WAIT)
+        assert b"subscribed to news" in line, line
+        # Rotated by whoever issues tokens (a sidecar, a projected volume).
+        token_file.write_text(mint_token(SECRET, sub="second", ttl=3600))
+        await eventually(
+            lambda: [c.user for c in srv.connections.values()] == ["second"],
+            "the renewed token on the same connection",
+        )
+        (renewed,) = srv.connections
+        await eventually(lambda: time.time() > first_exp + 0.5, "the first token's exp to pass")
+        assert list(srv.connections) == [renewed], "the connection was not kept"
+        writer = mint_token(SECRET, sub="writer", ttl=60)
+        code, _, err = await run_cli(
+            "pub", "news", '"after"', "--url", srv.url, env={TOKEN_ENV: writer}
+        )
+        assert (code, err) == (0, ""), err
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), WAIT)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, stderr
+    assert orjson.loads(stdout)["message"] == "after"
+    assert b"connection lost" not in stderr
 
 
 async def test_bench_presents_its_token(make_server: ServerFactory, tmp_path: Path) -> None:

@@ -176,7 +176,10 @@ def _client(args: argparse.Namespace, command: str, **options: Any) -> Client | 
     except tokens.TokenSourceError as exc:
         _say(command, str(exc))
         return None
-    return Client(args.url, request_timeout=args.timeout, token=token, **options)
+    provider = tokens.token_file_provider(args)
+    return Client(
+        args.url, request_timeout=args.timeout, token=token, token_provider=provider, **options
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

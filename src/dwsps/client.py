@@ -44,6 +44,16 @@ Authentication
     token is the one every reconnection presents. A refused upgrade (HTTP 401,
     403, 429, 503) is reported with the server's one-line reason.
 
+    ``token_provider=`` (a function, sync or async, returning a fresh token)
+    makes tokens renew themselves: the client asks it for a new token shortly
+    before the current one's ``exp`` (read from the token, unverified) and
+    sends it with :meth:`Client.refresh_token`; and when the server closes the
+    connection because the token expired or was refused (1008 ``token
+    expired`` / ``unauthorized``), or refuses an upgrade with 401, the client
+    asks for a new token and reconnects (recovering what it missed) instead of
+    closing for good. A provider that raises is retried with the reconnect
+    backoff.
+
 Recovery (history)
     On a server that keeps history, a subscription that lies inside one
     stream is acked with the stream's ``epoch`` and ``offset``; the client
@@ -62,8 +72,9 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import time
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, TypeVar, overload
@@ -100,6 +111,15 @@ Message = dict[str, Any]
 
 Handler = Callable[[Message], Any]
 """A subscription handler: called with each delivery; may be a coroutine function."""
+
+TokenProvider = Callable[[], str | Awaitable[str]]
+"""Returns a fresh token (``token_provider=``); may be a coroutine function."""
+
+TOKEN_CLOSE_REASONS: Final = frozenset({"token expired", "unauthorized"})
+"""1008 reasons a fresh token cures: with a ``token_provider`` the client reconnects."""
+
+REFRESH_AHEAD: Final = 30.0
+"""Seconds before ``exp`` a provider's token is renewed (at most a fifth of what is left)."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -195,6 +215,10 @@ class Client:
     :param token: a JWT (or any bearer token the server's authentication
         hook understands), sent as ``Authorization: Bearer`` on every
         connection; replace it with :meth:`refresh_token`.
+    :param token_provider: returns a fresh token (sync or async): called
+        before the first connection when ``token`` is not given, shortly
+        before each token's ``exp``, and when the server refuses or expires
+        the token (see "Authentication" above).
     :param websocket_options: passed on to :func:`websockets.asyncio.client.connect`
         (e.g. ``additional_headers``, ``ssl``, ``proxy``).
     """
@@ -215,6 +239,7 @@ class Client:
         max_size: int | None = 16 * _MIB,
         topic_limits: TopicLimits | None = None,
         token: str | None = None,
+        token_provider: TokenProvider | None = None,
         **websocket_options: Any,
     ) -> None:
         if request_timeout <= 0 or backoff_initial <= 0 or backoff_max < backoff_initial:
@@ -247,6 +272,9 @@ class Client:
             **websocket_options,
         }
         self._token = token or None
+        self._token_provider = token_provider
+        self._token_stale = False
+        self._refresher: asyncio.Task[None] | None = None
         self._limits = topic_limits or _NO_LIMITS
         self._clock = Clock()
         self._subscriptions: dict[str, Subscription] = {}
@@ -336,8 +364,10 @@ class Client:
     async def connect(self) -> Client:
         """Open the connection; raise :class:`ConnectionClosed` if that fails.
 
-        The first connection is not retried: a wrong URL should fail fast.
-        Reconnection applies once a connection has been established.
+        The first connection is not retried (a wrong URL should fail fast),
+        except once with a fresh token when a ``token_provider`` is set and the
+        server answered 401. Reconnection applies once a connection has been
+        established.
         """
         if self._closed or self._closing:
             raise RuntimeError("this client is closed; make a new one")
@@ -345,12 +375,22 @@ class Client:
             raise RuntimeError("connect() was already called")
         self._started = True
         try:
-            ws = await self._open()
+            if self._token is None and self._token_provider is not None:
+                self._token = await self._fresh_token()
+            try:
+                ws = await self._open()
+            except ConnectionClosed:
+                if not (self._token_stale and self._token_provider is not None):
+                    raise
+                # A 401 for the given token: once more with the provider's.
+                self._token, self._token_stale = await self._fresh_token(), False
+                ws = await self._open()
         except BaseException:
             self._started = False
             raise
         self._attach(ws)
         self._ready.set()
+        self._schedule_refresh()
         return self
 
     async def close(self) -> None:
@@ -363,11 +403,11 @@ class Client:
             await self._closed_event.wait()
             return
         self._closing = True
-        task = self._reconnect_task
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task in (self._reconnect_task, self._refresher):
+            if task is not None and not task.done() and task is not asyncio.current_task():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         ws = self._ws
         if ws is not None:
             await ws.close()
@@ -453,7 +493,10 @@ class Client:
             raise ValueError("token must not be empty")
         # Before sending: a reconnection meanwhile must not present the old token.
         self._token = token
-        return await self._request("auth", "", None, None, {"token": token})
+        reply = await self._request("auth", "", None, None, {"token": token})
+        if self._refresher is not asyncio.current_task():
+            self._schedule_refresh()
+        return reply
 
     async def history(
         self, topic: str, limit: int = 100, since: tuple[str, int] | None = None
@@ -603,6 +646,8 @@ class Client:
         try:
             return await ws_connect(self.url, **options)
         except websockets.InvalidStatus as exc:
+            if exc.response.status_code == 401:
+                self._token_stale = True
             raise ConnectionClosed(
                 f"could not connect to {self.display_url}: {_refusal(exc)}"
             ) from exc
@@ -750,12 +795,24 @@ class Client:
             return
         if not self.reconnect:
             self._finish(code, reason)
+        elif (
+            code == CloseCode.POLICY_VIOLATION
+            and reason in TOKEN_CLOSE_REASONS
+            and self._token_provider is not None
+        ):
+            log.info("%s: %s; reconnecting with a fresh token", self.display_url, reason)
+            self._token_stale = True
+            self._start_reconnecting()
         elif code in NO_RECONNECT_CODES:
             log.warning(
                 "not reconnecting to %s after close code %s (%s)", self.display_url, code, reason
             )
             self._finish(code, reason)
-        elif self._reconnect_task is None or self._reconnect_task.done():
+        else:
+            self._start_reconnecting()
+
+    def _start_reconnecting(self) -> None:
+        if self._reconnect_task is None or self._reconnect_task.done():
             self._reconnect_task = asyncio.create_task(self._reconnect_loop())
 
     async def _reconnect_loop(self) -> None:
@@ -771,6 +828,9 @@ class Client:
                 return
             await asyncio.sleep(backoff.next_delay())
             try:
+                if self._token_stale and self._token_provider is not None:
+                    self._token = await self._fresh_token()
+                    self._token_stale = False
                 ws = await self._open()
             except ConnectionClosed as exc:
                 log.debug("reconnect attempt %d failed: %s", backoff.attempt, exc)
@@ -788,7 +848,59 @@ class Client:
                 continue
             self._ready.set()
             log.info("reconnected to %s", self.display_url)
+            self._schedule_refresh()
             self.events.emit("reconnect")
+            return
+
+    # -- token renewal ------------------------------------------------------
+
+    async def _fresh_token(self) -> str:
+        """Ask the provider; its failure is a failed connection attempt."""
+        provider = self._token_provider
+        assert provider is not None
+        try:
+            result = provider()
+            token = await result if inspect.isawaitable(result) else result
+        except Exception as exc:
+            raise ConnectionClosed(f"the token provider failed: {exc!r}") from exc
+        if not isinstance(token, str) or not token:
+            raise ConnectionClosed(
+                f"the token provider returned {type(token).__name__}, not a token"
+            )
+        _check_token(token)
+        return token
+
+    def _schedule_refresh(self) -> None:
+        """With a provider, renew the token shortly before its ``exp`` (one timer at a time)."""
+        if self._token_provider is None or self._closing or self._closed:
+            return
+        exp = _expiry(self._token)
+        current = self._refresher
+        if current is not None and not current.done() and current is not asyncio.current_task():
+            current.cancel()
+        self._refresher = None
+        if exp is not None:
+            left = exp - time.time()
+            due = max(0.0, left - min(REFRESH_AHEAD, left / 5))
+            self._refresher = asyncio.create_task(self._refresh_at(due, exp))
+
+    async def _refresh_at(self, delay: float, exp: float) -> None:
+        await asyncio.sleep(delay)
+        backoff = Backoff(self.backoff_initial, self.backoff_max)
+        while not (self._closing or self._closed) and time.time() < exp:
+            try:
+                await self.refresh_token(await self._fresh_token())
+            except ConnectionClosed as exc:
+                # The provider failed, or the connection is down: a reconnect
+                # presents the latest token (and fetches one if it is refused).
+                level = logging.WARNING if backoff.attempt == 0 else logging.DEBUG
+                log.log(level, "renewing the token for %s failed: %s", self.display_url, exc)
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            except Exception as exc:  # refused: the server closes 1008 and we reconnect
+                log.warning("the server refused the renewed token: %s", exc)
+                return
+            self._schedule_refresh()
             return
 
     async def _resubscribe(self, ws: ClientConnection) -> None:
@@ -840,9 +952,9 @@ class Client:
         self._closed = True
         self.close_code = code
         self.close_reason = reason
-        task = self._reconnect_task
-        if task is not None and not task.done() and task is not asyncio.current_task():
-            task.cancel()
+        for task in (self._reconnect_task, self._refresher):
+            if task is not None and not task.done() and task is not asyncio.current_task():
+                task.cancel()
         message = self._closed_message()
         for pending in list(self._inflight.values()):
             if not pending.future.done():
@@ -861,12 +973,26 @@ def _check_token(token: object) -> None:
         raise ValueError("token must be ASCII without line breaks")
 
 
-def _subject(token: str | None) -> str | None:
+def _claims(token: str | None) -> dict[str, Any] | None:
+    """A JWT's claims, unverified (the server verifies), or None."""
     if not token:
         return None
     try:
         claims = jwt.decode(token, options={"verify_signature": False})
     except jwt.PyJWTError:
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def _expiry(token: str | None) -> float | None:
+    claims = _claims(token)
+    exp = None if claims is None else claims.get("exp")
+    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+
+
+def _subject(token: str | None) -> str | None:
+    claims = _claims(token)
+    if claims is None:
         return None
     sub = claims.get("sub")
     return sub if isinstance(sub, str) else None
@@ -917,5 +1043,6 @@ __all__ = [
     "Handler",
     "Message",
     "Subscription",
+    "TokenProvider",
     "connect",
 ]

@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Final
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -52,7 +53,8 @@ def add_token_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--token-file",
         metavar="FILE",
-        help=f"read the token from FILE (default: ${TOKEN_ENV}, if set)",
+        help=f"read the token from FILE, again whenever it needs renewing (default:"
+        f" ${TOKEN_ENV}, if set)",
     )
 
 
@@ -69,6 +71,21 @@ def token_from_args(args: argparse.Namespace) -> str | None:
             raise TokenSourceError(f"--token-file: {args.token_file} is empty")
         return token
     return os.environ.get(TOKEN_ENV, "").strip() or None
+
+
+def token_file_provider(args: argparse.Namespace) -> Callable[[], str] | None:
+    """With ``--token-file``, a provider that reads it again (a rotated token is picked up)."""
+    path = args.token_file
+    if not path:
+        return None
+
+    def provide() -> str:
+        token = _read(path, "--token-file").strip()
+        if not token:
+            raise TokenSourceError(f"--token-file: {path} is empty")
+        return token
+
+    return provide
 
 
 def _read(path: str, option: str) -> str:
