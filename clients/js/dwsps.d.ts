@@ -80,6 +80,13 @@ export type WebSocketConstructor = new (url: string) => {
 export interface ClientOptions {
   /** A JWT, sent as `?token=` in the URL (browsers cannot set headers). */
   token?: string;
+  /**
+   * Returns a fresh token: asked for the first one when `token` is not given, shortly before
+   * each token's `exp` (renewed with refreshToken on the open connection), and before
+   * reconnecting after 1008 `token expired` / `unauthorized`, which then do not end the client.
+   * A provider that throws or rejects emits an `error` (code `token_provider`) and is retried.
+   */
+  tokenProvider?: () => string | Promise<string>;
   /** The WebSocket constructor; default `globalThis.WebSocket`. */
   WebSocket?: WebSocketConstructor;
   /** How long a request waits for its reply, including time spent disconnected (ms, 10000). */
@@ -97,7 +104,7 @@ export interface ClientOptions {
 /**
  * A failed request. `code` is the server's error code (`invalid_topic`, `forbidden`,
  * `rate_limited`, `unauthorized`, …) or the client's own: `timeout`, `connection_lost`
- * (a publish in flight when the connection dropped), `queue_full`, `closed`.
+ * (a publish in flight when the connection dropped), `queue_full`, `closed`, `token_provider`.
  */
 export class DwspsError extends Error {
   constructor(code: string, message: string, reply?: ErrorReply);

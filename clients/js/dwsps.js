@@ -22,6 +22,13 @@
 // Close codes that retrying cannot cure (1002, 1003, 1007, 1008: authentication or a broken
 // rule) end the client for good, as does close().
 //
+// Tokens: `tokenProvider` (a function returning a token or a Promise of one) renews them:
+// it is asked for the first token when none is given, shortly before each token's `exp`
+// (read from the JWT, unverified; 30 s ahead, or a fifth of the remaining life) with the
+// result sent by refreshToken(), and again before reconnecting after 1008 `token expired` /
+// `unauthorized` (which then do not end the client) or after an attempt that never opened
+// while the token was due (a browser cannot see the 401 itself).
+//
 // Recovery (PROTOCOL.md, "History and recovery"): a subscription that lies inside one history
 // stream is acked with its `stream`, `epoch` and `offset`; the client remembers them and moves
 // them on with every delivery of that stream. On reconnect it resubscribes with
@@ -32,6 +39,12 @@
 
 /** Close codes that reconnecting cannot cure: the client stops and emits `close`. */
 const FATAL_CLOSE_CODES = new Set([1002, 1003, 1007, 1008]);
+
+/** 1008 reasons a fresh token cures: with a `tokenProvider` the client reconnects. */
+const TOKEN_CLOSE_REASONS = new Set(["token expired", "unauthorized"]);
+
+/** Milliseconds before `exp` a provider's token is renewed (at most a fifth of what is left). */
+const REFRESH_AHEAD = 30000;
 
 const EVENTS = [
   "open",
@@ -76,6 +89,17 @@ function takePosition(entry, reply) {
   entry.offset = ok ? offset : null;
 }
 
+/** A JWT's `exp` in milliseconds, read without verifying (the server verifies), or null. */
+function expiryOf(token) {
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const exp = JSON.parse(atob(part.padEnd(part.length + ((4 - (part.length % 4)) % 4), "=")))?.exp;
+    return typeof exp === "number" && Number.isFinite(exp) ? exp * 1000 : null;
+  } catch {
+    return null;
+  }
+}
+
 /** The WebSocket URL with `?token=` set (browsers cannot send an Authorization header). */
 function withToken(url, token) {
   if (!token) return url;
@@ -89,7 +113,11 @@ export class Client {
   #options;
   #WebSocket;
   #token;
+  #tokenStale = false;
+  #refreshTimer = null;
   #ws = null;
+  /** whether #ws ever opened (an attempt that did not may have been a 401) */
+  #wsOpened = false;
   #connected = false;
   #closed = false;
   #everOpened = false;
@@ -107,8 +135,8 @@ export class Client {
   /**
    * Connects at once (and again after every drop, until close()).
    * @param {string} url ws:// or wss:// URL of a dwsps server
-   * @param {object} [options] token, WebSocket, timeout, backoffInitial, backoffMax, maxQueued,
-   *   reconnect (see dwsps.d.ts)
+   * @param {object} [options] token, tokenProvider, WebSocket, timeout, backoffInitial,
+   *   backoffMax, maxQueued, reconnect (see dwsps.d.ts)
    */
   constructor(url, options = {}) {
     const parsed = new URL(url); // a TypeError for a malformed URL, at once
@@ -118,6 +146,7 @@ export class Client {
     this.#url = url;
     this.#options = { ...DEFAULTS, ...options };
     this.#token = options.token;
+    this.#tokenStale = !this.#token && typeof options.tokenProvider === "function";
     this.#WebSocket = options.WebSocket ?? globalThis.WebSocket;
     if (typeof this.#WebSocket !== "function") {
       throw new TypeError(
@@ -218,7 +247,10 @@ export class Client {
    */
   refreshToken(token) {
     this.#token = token;
-    return this.#request({ type: "auth", token });
+    return this.#request({ type: "auth", token }).then((ack) => {
+      this.#scheduleRefresh();
+      return ack;
+    });
   }
 
   /** Close for good: pending requests reject with `closed`, `close` is emitted once. */
@@ -292,6 +324,79 @@ export class Client {
 
   #connect() {
     this.#retryTimer = null;
+    if (this.#tokenStale && this.#options.tokenProvider) {
+      this.#freshToken().then(
+        (token) => {
+          if (this.#closed) return;
+          this.#token = token;
+          this.#tokenStale = false;
+          this.#open();
+        },
+        (err) => {
+          if (this.#closed) return;
+          this.#emit("error", err);
+          this.#retryLater(); // a failed provider is a failed attempt
+        },
+      );
+      return;
+    }
+    this.#open();
+  }
+
+  /** The provider's token (a DwspsError `token_provider` if it failed or gave none). */
+  async #freshToken() {
+    let token;
+    try {
+      token = await this.#options.tokenProvider();
+    } catch (err) {
+      throw new DwspsError("token_provider", `the token provider failed: ${err?.message ?? err}`);
+    }
+    if (typeof token !== "string" || !token) {
+      throw new DwspsError("token_provider", `the token provider returned ${typeof token}`);
+    }
+    return token;
+  }
+
+  /** With a provider, renew the token ahead of its `exp` (one timer at a time). */
+  #scheduleRefresh(failures = 0) {
+    clearTimeout(this.#refreshTimer);
+    this.#refreshTimer = null;
+    if (!this.#options.tokenProvider || this.#closed) return;
+    const exp = this.#token ? expiryOf(this.#token) : null;
+    if (exp === null) return;
+    const left = exp - Date.now();
+    if (left <= 0) return; // the server closes with `token expired`; the reconnect renews it
+    const due = failures
+      ? Math.min(left, this.#backoff(failures))
+      : Math.max(0, left - Math.min(REFRESH_AHEAD, left / 5));
+    this.#refreshTimer = setTimeout(() => {
+      this.#refreshTimer = null;
+      this.#freshToken()
+        .then((token) => this.refreshToken(token))
+        .catch((err) => {
+          if (this.#closed) return;
+          this.#emit("error", err);
+          // A refused token: the server closes (1008) and the reconnect asks again.
+          if (err.code !== "unauthorized") this.#scheduleRefresh(failures + 1);
+        });
+    }, due);
+  }
+
+  /** A delay drawn with full jitter for the `attempt`-th retry (the one backoff formula). */
+  #backoff(attempt) {
+    const bound = Math.min(
+      this.#options.backoffMax,
+      this.#options.backoffInitial * 2 ** Math.min(attempt, 30),
+    );
+    return Math.random() * bound;
+  }
+
+  #retryLater() {
+    this.#retryTimer = setTimeout(() => this.#connect(), this.#backoff(this.#attempt));
+    this.#attempt += 1;
+  }
+
+  #open() {
     let ws;
     try {
       ws = new this.#WebSocket(withToken(this.#url, this.#token));
@@ -301,6 +406,7 @@ export class Client {
       return;
     }
     this.#ws = ws;
+    this.#wsOpened = false;
     ws.onopen = () => this.#opened(ws);
     ws.onmessage = (event) => this.#received(event.data);
     ws.onclose = (event) => this.#dropped(ws, event.code, event.reason);
@@ -311,8 +417,10 @@ export class Client {
 
   #opened(ws) {
     if (ws !== this.#ws || this.#closed) return;
+    this.#wsOpened = true;
     this.#connected = true;
     this.#attempt = 0;
+    this.#scheduleRefresh();
     const again = this.#everOpened;
     this.#everOpened = true;
     // Subscriptions first, so that whatever waited (or an `open` listener) publishes into them.
@@ -407,6 +515,7 @@ export class Client {
 
   #dropped(ws, code, reason) {
     if (ws !== this.#ws) return;
+    const opened = this.#wsOpened;
     this.#ws = null;
     this.#connected = false;
     if (this.#closed) return;
@@ -424,22 +533,25 @@ export class Client {
         this.#queue.unshift(req);
       }
     }
-    if (FATAL_CLOSE_CODES.has(code) || !this.#options.reconnect) {
+    const provider = this.#options.tokenProvider;
+    if (provider && code === 1008 && TOKEN_CLOSE_REASONS.has(reason)) {
+      this.#tokenStale = true; // a fresh token cures this one
+    } else if (FATAL_CLOSE_CODES.has(code) || !this.#options.reconnect) {
       this.#finish(code, reason);
       return;
+    } else if (provider && !opened && this.#token) {
+      // Never opened: perhaps a 401 (a browser cannot tell); a due token is renewed first.
+      const exp = expiryOf(this.#token);
+      if (exp !== null && exp - Date.now() < REFRESH_AHEAD) this.#tokenStale = true;
     }
-    const bound = Math.min(
-      this.#options.backoffMax,
-      this.#options.backoffInitial * 2 ** Math.min(this.#attempt, 30),
-    );
-    this.#attempt += 1;
-    this.#retryTimer = setTimeout(() => this.#connect(), Math.random() * bound);
+    this.#retryLater();
   }
 
   #finish(code, reason) {
     this.#closed = true;
     this.#connected = false;
     clearTimeout(this.#retryTimer);
+    clearTimeout(this.#refreshTimer);
     const error = new DwspsError("closed", `the client is closed (${code}${reason ? ` ${reason}` : ""})`);
     for (const req of [...this.#pending.values(), ...this.#queue]) {
       clearTimeout(req.timer);

@@ -63,3 +63,51 @@ test("a bad token in refreshToken is unauthorized and ends the client", async ()
   assert.equal(code, 1008);
   await assert.rejects(c.publish("a", 1), { code: "closed" });
 });
+
+const inSeconds = (s) => Math.floor(Date.now() / 1000) + s;
+
+test("a tokenProvider gives the first token and renews it ahead of exp on the same connection", async () => {
+  const issued = [];
+  const c = client({
+    tokenProvider: async () => {
+      issued.push(hs256(SECRET, { sub: `p-${issued.length + 1}`, exp: inSeconds(3) }));
+      return issued.at(-1);
+    },
+  });
+  const drops = [];
+  c.on("disconnect", (code) => drops.push(code));
+  await next(c, "open");
+  assert.equal(issued.length, 1);
+  // Two renewals (each at most a fifth of its 3 s early) take the connection past both exps.
+  const acks = [];
+  c.on("ack", (ack) => ack.action === "auth" && acks.push(ack));
+  while (acks.length < 2) await next(c, "ack");
+  assert.equal((await c.publish("news", "still open")).action, "publish");
+  assert.deepEqual(drops, []);
+  assert.equal(issued.length, 3);
+});
+
+test("with a tokenProvider, token expired reconnects with a fresh token", async () => {
+  let calls = 0;
+  let expired = false;
+  const c = client({
+    tokenProvider: () => {
+      calls += 1;
+      if (calls === 1) return hs256(SECRET, { sub: "short", exp: inSeconds(2) });
+      if (!expired) throw new Error("identity service down"); // the renewal ahead of exp fails
+      return token({ sub: "fresh" });
+    },
+  });
+  const errors = [];
+  c.on("error", (err) => errors.push(err.code));
+  c.on("close", () => assert.fail("the client must not close"));
+  await next(c, "open");
+  await c.subscribe("news");
+  const [code, reason] = await next(c, "disconnect");
+  expired = true;
+  assert.deepEqual([code, reason], [1008, "token expired"]);
+  await next(c, "reconnect");
+  assert.ok(errors.length >= 1 && errors.every((e) => e === "token_provider"), errors.join());
+  assert.deepEqual(c.subscriptions, ["news"]);
+  assert.equal((await c.publish("news", "after")).action, "publish");
+});
