@@ -348,18 +348,23 @@ class Hub:
     def _defer(self, conn: Connection) -> _Deferred | None:
         """A place in ``conn``'s reply order for a reply that comes later (None: refused).
 
-        Bounded per connection: a client that keeps more requests waiting on
-        the engine than :data:`MAX_DEFERRED` is closed with 1013.
+        Bounded per connection: past :data:`MAX_DEFERRED` waiting replies the
+        server stops reading the connection's requests until they drain
+        (backpressure, as TCP would give); a connection that still gets to
+        four times that (what was read already) is closed with 1013.
         """
         slot = _Deferred()
         replies = conn.replies
         if replies is None:
             conn.replies = deque((slot,))
-        elif len(replies) >= MAX_DEFERRED:
+            return slot
+        n = len(replies)
+        if n >= 4 * MAX_DEFERRED:
             conn.fail(CloseCode.TRY_AGAIN_LATER, "too many requests waiting for the backplane")
             return None
-        else:
-            replies.append(slot)
+        if n == MAX_DEFERRED and conn.stream is not None:
+            conn.stream.throttle(True)
+        replies.append(slot)
         return slot
 
     def _settle(self, conn: Connection, slot: _Deferred, frame: bytes) -> None:
@@ -374,12 +379,16 @@ class Hub:
             head = replies[0]
             if type(head) is _Deferred:
                 if head.frame is None:
-                    return
+                    break
                 conn.send(head.frame)
             else:
                 conn.send(head)
             replies.popleft()
-        conn.replies = None
+        stream = conn.stream
+        if stream is not None and stream.throttled and len(replies) <= MAX_DEFERRED // 2:
+            stream.throttle(False)
+        if not replies:
+            conn.replies = None
 
     def _reject(self, conn: Connection, err: ProtocolError) -> None:
         self._send_error(conn, err)
@@ -901,7 +910,7 @@ class Hub:
         future = self._append_shared(req, found)
         assert self._writer is not None
         timer = self._writer.loop.call_later(
-            SHARED_HISTORY_TIMEOUT, self._append_timed_out, conn, slot, req, future
+            self.config.history_publish_timeout, self._append_timed_out, conn, slot, req, future
         )
         future.add_done_callback(lambda f: self._append_settled(conn, slot, req, f, timer))
         if self.events.has("publish"):
@@ -945,7 +954,7 @@ class Hub:
             slot,
             req,
             f"the backplane did not confirm the history append within "
-            f"{SHARED_HISTORY_TIMEOUT:g}s (unreachable?); it was probably not kept",
+            f"{self.config.history_publish_timeout:g}s (unreachable?); it was probably not kept",
         )
 
     def _append_failed(self, conn: Connection, slot: _Deferred, req: Publish, detail: str) -> None:
@@ -1228,8 +1237,6 @@ _DRAIN_POLL = 0.002
 
 MAX_DEFERRED = 1024
 """Replies a connection may have waiting behind a deferred one (shared history)."""
-SHARED_HISTORY_TIMEOUT = 5.0
-"""Seconds a publish to a shared stream waits for the engine's offset before its error."""
 REPLAY_PAGE = 1000
 """Publications per engine read while recovering from shared history."""
 MAX_HELD = 10_000

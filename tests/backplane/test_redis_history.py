@@ -39,6 +39,14 @@ async def subscribe(client: RawClient, topic: str, **extra: Any) -> dict[str, An
     return reply
 
 
+async def history(client: RawClient, **request: Any) -> dict[str, Any]:
+    req_id = await client.send_request({"type": "history", **request})
+    reply: dict[str, Any] = await client.next_message(
+        lambda m: isinstance(m, dict) and m.get("id") == req_id, within=WAIT
+    )
+    return reply
+
+
 async def offsets_until(client: RawClient, last: int, within: float = WAIT) -> list[int]:
     got = await client.take_until(lambda m: m["offset"] >= last, within=within)
     return [m["offset"] for m in got]
@@ -92,3 +100,123 @@ async def test_three_servers_agree_on_gap_free_offsets(
         assert sub.take_all(is_delivery()) == []
     statuses = [await backplane_status(p.url) for p in procs]
     assert [s["gaps"] for s in statuses] == [0, 0, 0]
+
+
+async def publish_stream(client: RawClient, topic: str, n: int, start: int = 1) -> list[Any]:
+    """Publish ``n`` messages as fast as the socket takes them; return every reply, in order."""
+    ids = [
+        await client.send_request({"type": "publish", "topic": topic, "message": i})
+        for i in range(start, start + n)
+    ]
+    return [await client.next_message(reply_to(i), within=WAIT) for i in ids]
+
+
+async def test_recover_on_another_server_while_a_publisher_streams(
+    redis_url: str, serve_process: ProcessFactory, open_client: ClientFactory
+) -> None:
+    a, b, c = await history_servers(serve_process, redis_url, 3)
+    sub = await open_client(a.url)
+    ack = await subscribe(sub, "chat.room")
+    epoch = ack["epoch"]
+    pub = await open_client(c.url)
+    total = 3000
+    streaming = asyncio.create_task(publish_stream(pub, "chat.room", total))
+    got = await sub.take_until(lambda m: m["offset"] >= 200, within=WAIT)
+    assert [m["offset"] for m in got] == list(range(1, len(got) + 1))
+    last = got[-1]["offset"]
+    sub.abort()  # gone without a goodbye, mid-stream
+    again = await open_client(b.url)
+    ack = await subscribe(again, "chat.room", recover={"epoch": epoch, "offset": last})
+    assert ack["recovered"] is True
+    assert ack["epoch"] == epoch
+    assert ack["offset"] >= last
+    rest = await again.take(total - last, within=WAIT)
+    assert [m["offset"] for m in rest] == list(range(last + 1, total + 1))
+    assert [m["message"] for m in rest] == list(range(last + 1, total + 1))
+    replayed = [m["offset"] for m in rest if m.get("recovered")]
+    assert replayed == list(range(last + 1, last + 1 + len(replayed)))  # replay, then live
+    assert replayed and replayed[-1] >= ack["offset"]
+    replies = await streaming
+    assert [r["offset"] for r in replies] == list(range(1, total + 1))
+    await again.sync()
+    assert again.take_all(is_delivery()) == []
+
+
+async def test_recover_on_another_server_after_a_quiet_disconnect(
+    redis_url: str, serve_process: ProcessFactory, open_client: ClientFactory
+) -> None:
+    a, b = await history_servers(serve_process, redis_url, 2)
+    sub = await open_client(a.url)
+    ack = await subscribe(sub, "chat.room.typing")  # a subtopic: position of its stream
+    assert (ack["stream"], ack["offset"]) == ("chat.room", 0)
+    await sub.close()
+    pub = await open_client(b.url)
+    for i in range(1, 11):
+        await pub.publish("chat.room.typing" if i % 2 else "chat.room", i)
+    again = await open_client(b.url)
+    ack2 = await subscribe(again, "chat.room.typing", recover={"epoch": ack["epoch"], "offset": 0})
+    assert (ack2["recovered"], ack2["offset"]) == (True, 10)
+    got = await again.take(5, within=WAIT)
+    assert [m["message"] for m in got] == [1, 3, 5, 7, 9]
+    assert all(m["recovered"] is True for m in got)
+    # The history request reads Redis too, on any server.
+    reply = await history(again, topic="chat.room", limit=3)
+    assert [p["offset"] for p in reply["publications"]] == [8, 9, 10]
+    assert reply["epoch"] == ack["epoch"]
+    wrong = await subscribe(again, "chat.room", recover={"epoch": "nope", "offset": 3})
+    assert (wrong["recovered"], wrong["epoch"], wrong["offset"]) == (False, ack["epoch"], 10)
+    await again.sync()
+    assert [m for m in again.take_all(is_delivery())] == []
+
+
+async def test_acks_keep_request_order_and_carry_the_redis_offset(
+    redis_url: str, serve_process: ProcessFactory, open_client: ClientFactory
+) -> None:
+    (a,) = await history_servers(serve_process, redis_url, 1)
+    client = await open_client(a.url)
+    await subscribe(client, "chat.x")
+    requests = []
+    for i in range(40):
+        topic = "chat.x" if i % 3 else "news.x"  # history, and not
+        requests.append(
+            await client.send_request({"type": "publish", "topic": topic, "message": i})
+        )
+    requests.append(await client.send_request({"type": "unsubscribe", "topic": "none"}))
+    order = []
+    while len(order) < len(requests):
+        m = await client.next_message(lambda m: m.get("type") in ("ack", "error"), within=WAIT)
+        order.append(m)
+    assert [m["id"] for m in order] == requests
+    kept = [m for m in order[:-1] if m["topic"] == "chat.x"]
+    assert [m["offset"] for m in kept] == list(range(1, len(kept) + 1))
+    assert all("offset" not in m for m in order[:-1] if m["topic"] == "news.x")
+
+
+async def test_redis_down_a_history_publish_gets_its_error_within_the_bound(
+    redis_proc: RedisProcess, serve_process: ProcessFactory, open_client: ClientFactory
+) -> None:
+    (a,) = await history_servers(serve_process, redis_proc.url, 1, "--history-publish-timeout", "1")
+    client = await open_client(a.url)
+    ok = await client.publish("chat.x", 1)
+    assert ok["offset"] == 1
+    await redis_proc.kill()
+
+    async def down() -> bool:
+        return (await backplane_status(a.url))["state"] == "down"
+
+    await eventually(down, "the server to see Redis gone", WAIT)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    first = await client.send_request({"type": "publish", "topic": "chat.x", "message": 2})
+    plain = await client.send_request({"type": "publish", "topic": "news.x", "message": 3})
+    err = await client.next_message(reply_to(first), within=WAIT)
+    took = loop.time() - started
+    assert err["type"] == "error"
+    assert err["error"] == "overloaded"
+    assert "did not confirm" in err["detail"]
+    assert 0.9 <= took < 1 + WAIT / 2
+    ack = await client.next_message(reply_to(plain), within=WAIT)
+    assert ack["type"] == "ack"  # after the error: request order
+    hist = await history(client, topic="chat.x", limit=5)
+    assert hist["type"] == "error"
+    assert hist["error"] == "overloaded"
