@@ -16,7 +16,7 @@ from tests.backplane.conftest import NO_HEARTBEAT, WAIT, RedisProcess, backplane
 from tests.conftest import ClientFactory, ProcessFactory
 from tests.procs import ServerProcess
 from tests.support import eventually
-from tests.wsclient import RawClient, is_delivery, reply_to
+from tests.wsclient import RawClient, get_json, is_delivery, reply_to
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -135,7 +135,8 @@ async def test_recover_on_another_server_while_a_publisher_streams(
     assert [m["message"] for m in rest] == list(range(last + 1, total + 1))
     replayed = [m["offset"] for m in rest if m.get("recovered")]
     assert replayed == list(range(last + 1, last + 1 + len(replayed)))  # replay, then live
-    assert replayed and replayed[-1] >= ack["offset"]
+    assert replayed
+    assert replayed[-1] >= ack["offset"]
     replies = await streaming
     assert [r["offset"] for r in replies] == list(range(1, total + 1))
     await again.sync()
@@ -220,3 +221,123 @@ async def test_redis_down_a_history_publish_gets_its_error_within_the_bound(
     hist = await history(client, topic="chat.x", limit=5)
     assert hist["type"] == "error"
     assert hist["error"] == "overloaded"
+
+
+async def kill_and_restart_mid_stream(
+    redis: RedisProcess, a: ServerProcess, pub: RawClient, total: int
+) -> list[Any]:
+    """Publish 1..total on ``a``: Redis SIGKILLed after a third, restarted after two thirds."""
+    third = total // 3
+    replies = await publish_stream(pub, "chat.room", third)
+    await redis.kill()
+
+    async def down() -> bool:
+        return (await backplane_status(a.url))["state"] == "down"
+
+    await eventually(down, "the server to see Redis gone", WAIT)
+    waiting = [
+        await pub.send_request({"type": "publish", "topic": "chat.room", "message": i})
+        for i in range(third + 1, 2 * third + 1)
+    ]
+    await redis.start()
+    replies += [await pub.next_message(reply_to(i), within=WAIT) for i in waiting]
+    replies += await publish_stream(pub, "chat.room", total - 2 * third, 2 * third + 1)
+    return replies
+
+
+async def test_redis_killed_with_persistence_a_connected_subscriber_misses_nothing(
+    tmp_path: Any, serve_process: ProcessFactory, open_client: ClientFactory
+) -> None:
+    redis = RedisProcess(
+        args=("--appendonly", "yes", "--appendfsync", "always", "--dir", str(tmp_path))
+    )
+    await redis.start()
+    try:
+        a, b, c = await history_servers(
+            serve_process, redis.url, 3, "--history-publish-timeout", "30"
+        )
+        subs = [await open_client(p.url) for p in (b, c)]
+        acks = [await subscribe(s, "chat.room") for s in subs]
+        epoch = acks[0]["epoch"]
+        pub = await open_client(a.url)
+        total = 300
+        replies = await kill_and_restart_mid_stream(redis, a, pub, total)
+        assert [r["type"] for r in replies] == ["ack"] * total
+        assert {r["epoch"] for r in replies} == {epoch}  # Redis kept the stream: same epoch
+        assert sorted(r["offset"] for r in replies) == list(range(1, total + 1))
+        for sub, proc in zip(subs, (b, c), strict=True):
+            got = await sub.take(total, within=WAIT)
+            assert [m["offset"] for m in got] == list(range(1, total + 1))
+            assert [m["message"] for m in got] == list(range(1, total + 1))
+            await sub.sync()
+            assert sub.take_all(is_delivery()) == []
+            status = await backplane_status(proc.url)
+            assert status["gaps"] == 0
+            assert status["sessions"] >= 2
+        # A client that was away recovers across the restart, on any server.
+        late = await open_client(c.url)
+        ack = await subscribe(late, "chat.room", recover={"epoch": epoch, "offset": 10})
+        assert (ack["recovered"], ack["offset"]) == (True, total)
+        assert [m["offset"] for m in await late.take(total - 10)] == list(range(11, total + 1))
+    finally:
+        await redis.stop()
+
+
+async def test_redis_killed_without_persistence_recovery_says_false(
+    redis_proc: RedisProcess, serve_process: ProcessFactory, open_client: ClientFactory
+) -> None:
+    a, b = await history_servers(
+        serve_process, redis_proc.url, 2, "--history-publish-timeout", "30"
+    )
+    sub = await open_client(b.url)
+    epoch = (await subscribe(sub, "chat.room"))["epoch"]
+    pub = await open_client(a.url)
+    total = 90
+    replies = await kill_and_restart_mid_stream(redis_proc, a, pub, total)
+    assert [r["type"] for r in replies] == ["ack"] * total
+    before = [r for r in replies[:30]]
+    after = [r for r in replies[30:]]
+    assert {r["epoch"] for r in before} == {epoch}
+    (fresh,) = {r["epoch"] for r in after}  # Redis lost the stream: one new epoch
+    assert fresh != epoch
+    assert [r["offset"] for r in after] == list(range(1, 61))
+    # The subscriber that stayed sees the old epoch, then the new one from its offset 1.
+    got = await sub.take(total, within=WAIT)
+    assert [(m["epoch"], m["offset"]) for m in got] == [(epoch, i) for i in range(1, 31)] + [
+        (fresh, i) for i in range(1, 61)
+    ]
+    # A position in the lost epoch is honestly not recovered.
+    again = await open_client(a.url)
+    ack = await subscribe(again, "chat.room", recover={"epoch": epoch, "offset": 20})
+    assert (ack["recovered"], ack["epoch"], ack["offset"]) == (False, fresh, 60)
+    await again.sync()
+    assert again.take_all(is_delivery()) == []
+
+
+async def test_a_subscriber_whose_redis_connection_drops_is_repaired_from_the_stream(
+    redis_url: str,
+    serve_process: ProcessFactory,
+    open_client: ClientFactory,
+    redis_admin: Any,
+) -> None:
+    a, b = await history_servers(serve_process, redis_url, 2)
+    sub = await open_client(b.url)
+    await subscribe(sub, "chat.room")
+    pub = await open_client(a.url)
+    await publish_stream(pub, "chat.room", 50)
+    assert [m["offset"] for m in await sub.take(50)] == list(range(1, 51))
+    _, health = await get_json(b.url, "/health")
+    # Drop only B's subscribe connection: A goes on publishing, B misses some live.
+    clients = await redis_admin.client_list(_type="pubsub")
+    (victim,) = [c for c in clients if c["name"] == f"dwsps-{health['server_id']}"]
+    streaming = asyncio.create_task(publish_stream(pub, "chat.room", 450, 51))
+    await redis_admin.client_kill_filter(_id=victim["id"])
+    replies = await streaming
+    assert [r["offset"] for r in replies] == list(range(51, 501))
+    got = await sub.take(450, within=WAIT)
+    assert [m["offset"] for m in got] == list(range(51, 501))
+    await sub.sync()
+    assert sub.take_all(is_delivery()) == []
+    status = await backplane_status(b.url)
+    assert status["gaps"] == 0
+    assert status["sessions"] >= 2
