@@ -139,9 +139,21 @@ class GapTracker(Generic[T]):
             self.resets += 1
             st.epoch, st.last = epoch, 0
             return out, Repair(stream, epoch, 0)
+        # What arrived live meanwhile fills holes the read shows (it may have
+        # been trimmed from the stream since).
+        live = sorted((o, i) for e, o, i in st.held if e == st.epoch and o > st.last)
+        k = 0
         for offset, item in entries:
             if offset <= st.last:
                 continue
+            while k < len(live) and live[k][0] < offset:
+                o, held_item = live[k]
+                k += 1
+                if o <= st.last:
+                    continue
+                self.gaps += o - st.last - 1
+                st.last = o
+                out.append(held_item)
             if offset > st.last + 1:
                 self.gaps += offset - st.last - 1
             st.last = offset
@@ -149,23 +161,30 @@ class GapTracker(Generic[T]):
             self.repaired += 1
         if more:
             return out, Repair(stream, epoch, st.last)
-        if st.last < head:
-            # The stream's tail is gone although its offsets were handed out.
-            self.gaps += head - st.last
-            st.last = head
+        # The read saw everything the stream had up to ``head``: what it lacked
+        # there is gone, unless it arrived live meanwhile (held).
         held, st.held = st.held, None
         for i, (e, offset, item) in enumerate(held):
             if e != st.epoch:
                 self.resets += 1
-                st.epoch, st.last = e, 0
+                st.epoch, st.last, head = e, 0, 0
             if offset <= st.last:
                 continue
-            if offset > st.last + 1:
-                # Published after the read and missed live: read again.
-                st.held = held[i:]
-                return out, Repair(stream, st.epoch, st.last)
+            if offset <= head:
+                self.gaps += offset - st.last - 1
+            else:
+                if st.last < head:
+                    self.gaps += head - st.last
+                    st.last = head
+                if offset > st.last + 1:
+                    # Published after the read and missed live: read again.
+                    st.held = held[i:]
+                    return out, Repair(stream, st.epoch, st.last)
             st.last = offset
             out.append(item)
+        if st.last < head:
+            self.gaps += head - st.last
+            st.last = head
         if st.overflow:
             st.overflow = False
             st.held = []
