@@ -381,6 +381,13 @@ class ServerConfig:
         metavar="BYTES",
         parse=parse_size,
     )
+    history_publish_timeout: float = setting(
+        10.0,
+        help="with history in the backplane (Redis): how long a publish to a history topic"
+        " waits for its offset before the publisher gets an error",
+        metavar="SECONDS",
+        parse=parse_duration,
+    )
 
     @property
     def topic_limits(self) -> TopicLimits:

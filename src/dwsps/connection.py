@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 from picows import (
@@ -241,6 +242,7 @@ class Connection(WSListener):
         "permissions",
         "raw",
         "remote",
+        "replies",
         "stream",
         "transport",
         "writer",
@@ -283,6 +285,8 @@ class Connection(WSListener):
         self.grown = False
         self.invalid_streak = 0
         self.closing = False
+        self.replies: deque[Any] | None = None
+        """The hub's replies waiting behind one it deferred (None: none deferred)."""
 
     def __repr__(self) -> str:
         return f"<Connection {self.client_id}>"

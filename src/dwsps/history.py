@@ -100,6 +100,23 @@ class HistoryPattern:
         object.__setattr__(self, "levels", tuple(self.pattern.split(".")))
 
 
+SHARED_TTL_NO_AGE = 7 * 86400.0
+"""Seconds an idle shared stream without an age limit lives in the engine."""
+
+
+def shared_ttl(pattern: HistoryPattern) -> float:
+    """How long an idle stream of ``pattern`` lives in a shared engine (seconds).
+
+    Longer than the age limit (at least an hour more, or twice it), so the
+    stream's position outlives its last publication: a client that was up to
+    date still recovers (nothing to replay) instead of meeting a new epoch.
+    """
+    age = pattern.max_age
+    if age is None:
+        return SHARED_TTL_NO_AGE
+    return max(2 * age, age + 3600.0)
+
+
 def parse_history_pattern(text: str, limits: TopicLimits = DEFAULT_LIMITS) -> HistoryPattern:
     """Parse ``PATTERN:SIZE[:AGE]``, e.g. ``chat.*:1000:10m`` (AGE: s, m, h, d or seconds).
 
@@ -556,6 +573,10 @@ class HistoryStore:
     def expire(self, now: float) -> int:
         """Drop what has aged out of every stream (a periodic sweep); return how many."""
         return sum(stream.expire(now) for stream in self._streams.values())
+
+    def stream_of_request(self, subscription: str) -> str:
+        """The stream a ``recover`` or ``history`` of ``subscription`` reads; else HistoryError."""
+        return self._stream_of_request(subscription)
 
     def _stream_of_request(self, subscription: str) -> str:
         name = self.patterns.stream_of_subscription(subscription)

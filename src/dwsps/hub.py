@@ -12,6 +12,16 @@ whatever brought it (a client, the embedding code, a link)::
 
 The hub is the connections' :class:`~dwsps.connection.ConnectionHost` and the
 links' :class:`~dwsps.links.LinkHost`; it holds no socket and no listener.
+
+With *shared history* (a backplane link that keeps streams in its engine,
+:class:`~dwsps.links.KeptHistory`), a publish to a history topic is not
+delivered here at once: it goes to the engine, which assigns its offset, and
+every server (this one too) delivers it when it comes back through the link.
+Its ack waits for that offset; ``recover``, a plain subscribe inside one
+stream and ``history`` read the engine. Such replies are *deferred*: a
+connection with one outstanding queues its later replies behind it
+(``Connection.replies``, bounded by :data:`MAX_DEFERRED`), so replies keep
+request order; without one, a reply costs one attribute check more.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import copy
 import logging
 import secrets
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -41,9 +51,16 @@ from dwsps.errors import (
 )
 from dwsps.events import Events
 from dwsps.frames import text_frame
-from dwsps.history import HistoryStore, Publication, Recovery, history_store
+from dwsps.history import (
+    HistoryPage,
+    HistoryPattern,
+    HistoryStore,
+    Publication,
+    Recovery,
+    history_store,
+)
 from dwsps.limits import ConnectionLimiter, RateLimit, RequestLimiter, Verdict
-from dwsps.links import Link
+from dwsps.links import KeptHistory, Link
 from dwsps.messages import (
     Auth,
     Clock,
@@ -62,6 +79,7 @@ from dwsps.messages import (
 )
 from dwsps.permissions import UNRESTRICTED, checker_for
 from dwsps.router import Admission, Router
+from dwsps.topics import matches as topic_matches
 
 log = logging.getLogger("dwsps.server")
 
@@ -150,6 +168,12 @@ class Hub:
         # Replays too big to queue at once, paged as the connection drains.
         self._replays: dict[Connection, dict[str, asyncio.Task[None]]] = {}
         self._page_bytes = max(64 * 1024, config.max_outbound_buffer // 4)
+        # Shared history (set in attach when a link keeps streams in its engine).
+        self._shared: KeptHistory | None = None
+        self._shared_link: Link | None = None
+        # stream -> subscriptions whose live deliveries wait for their engine read.
+        self._holds: dict[str, list[_Hold]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def server_id(self) -> str:
@@ -171,6 +195,17 @@ class Hub:
         self.links = links
         config = self.config
         self.history = history_store(config.history, config.history_max_bytes, config.topic_limits)
+        if self.history is not None:
+            for link in links:
+                shared = link.kept_history(self.history.patterns)
+                if shared is not None:
+                    self._shared, self._shared_link = shared, link
+                    break
+
+    @property
+    def shared_history(self) -> bool:
+        """Whether history streams live in the backplane's engine (not in this server)."""
+        return self._shared is not None
 
     def new_connection(
         self, is_peer: bool, identity: Identity = UNAUTHENTICATED, remote: str = ""
@@ -224,6 +259,9 @@ class Hub:
         if replays:
             for task in replays.values():
                 task.cancel()
+        if self._holds:
+            self._drop_holds(conn, None)
+        conn.replies = None
         if self.events.has("disconnect"):
             self._departing = conn
             try:
@@ -289,11 +327,68 @@ class Hub:
 
     # -- requests ---------------------------------------------------------
 
-    def _send_error(self, conn: Connection, err: ProtocolError) -> None:
-        """Queue an error reply, counted in total and by code."""
+    def _error_frame(self, err: ProtocolError) -> bytes:
+        """An error reply's frame, counted in total and by code."""
         self.stats.errors_sent += 1
         self.stats.errors_by_code[err.code.value] += 1
-        conn.send(text_frame(encode_error(err, self._clock.now())))
+        return text_frame(encode_error(err, self._clock.now()))
+
+    def _send_error(self, conn: Connection, err: ProtocolError) -> None:
+        """Queue an error reply, counted in total and by code."""
+        self._reply(conn, self._error_frame(err))
+
+    def _reply(self, conn: Connection, frame: bytes) -> None:
+        """Send a reply, or queue it behind a deferred one (request order)."""
+        replies = conn.replies
+        if replies is None:
+            conn.send(frame)
+        else:
+            replies.append(frame)
+
+    def _defer(self, conn: Connection) -> _Deferred | None:
+        """A place in ``conn``'s reply order for a reply that comes later (None: refused).
+
+        Bounded per connection: past :data:`MAX_DEFERRED` waiting replies the
+        server stops reading the connection's requests until they drain
+        (backpressure, as TCP would give); a connection that still gets to
+        four times that (what was read already) is closed with 1013.
+        """
+        slot = _Deferred()
+        replies = conn.replies
+        if replies is None:
+            conn.replies = deque((slot,))
+            return slot
+        n = len(replies)
+        if n >= 4 * MAX_DEFERRED:
+            conn.fail(CloseCode.TRY_AGAIN_LATER, "too many requests waiting for the backplane")
+            return None
+        if n == MAX_DEFERRED and conn.stream is not None:
+            conn.stream.throttle(True)
+        replies.append(slot)
+        return slot
+
+    def _settle(self, conn: Connection, slot: _Deferred, frame: bytes) -> None:
+        """Fill a deferred reply; send it and whatever waited behind it, in order."""
+        if slot.frame is not None:
+            return
+        slot.frame = frame
+        replies = conn.replies
+        if replies is None:
+            return  # the connection is gone
+        while replies:
+            head = replies[0]
+            if type(head) is _Deferred:
+                if head.frame is None:
+                    break
+                conn.send(head.frame)
+            else:
+                conn.send(head)
+            replies.popleft()
+        stream = conn.stream
+        if stream is not None and stream.throttled and len(replies) <= MAX_DEFERRED // 2:
+            stream.throttle(False)
+        if not replies:
+            conn.replies = None
 
     def _reject(self, conn: Connection, err: ProtocolError) -> None:
         self._send_error(conn, err)
@@ -310,7 +405,11 @@ class Hub:
         req_id: str | int | None,
         extra: dict[str, Any] | None = None,
     ) -> None:
-        conn.send(text_frame(encode_ack(action, topic, self._clock.now(), req_id, extra)))
+        frame = text_frame(encode_ack(action, topic, self._clock.now(), req_id, extra))
+        if conn.replies is None:  # the usual case: nothing deferred
+            conn.send(frame)
+        else:
+            conn.replies.append(frame)
 
     def _allowed(self, conn: Connection, limiter: RequestLimiter, req: object) -> bool:
         """The rate limit: False (and the refusal sent) when ``req`` is over it."""
@@ -338,6 +437,16 @@ class Hub:
     def _on_subscribe(self, conn: Connection, req: Subscribe) -> None:
         history = self.history
         self._cancel_replay(conn, req.topic)
+        if self._shared is not None:
+            assert history is not None
+            if self._holds:
+                self._drop_holds(conn, req.topic)
+            name = history.patterns.stream_of_subscription(req.topic)
+            if name is not None:
+                self._subscribe_shared(conn, req, name)
+                return
+            if req.recover is not None:
+                self._recover(conn, req, history)  # raises: not inside one stream
         extra: dict[str, Any] | None = None
         recovery: Recovery | None = None
         if req.recover is not None:
@@ -396,22 +505,36 @@ class Hub:
             self.stats.recoveries_failed += 1
         return recovery
 
-    def _send_replay(self, conn: Connection, context: str, pubs: list[Publication]) -> int:
-        """Queue replayed deliveries of ``pubs`` on ``conn``, as one write; return the bytes."""
+    def _send_replay(
+        self, conn: Connection, context: str, pubs: list[Publication], recovered: bool = True
+    ) -> int:
+        """Queue replayed deliveries of ``pubs`` on ``conn``, as one write; return the bytes.
+
+        ``recovered=False``: live deliveries that were held (shared history's seam).
+        """
         if not pubs:
             return 0
         data = b"".join(
             [
                 text_frame(
                     encode_kept_delivery(
-                        pub.topic, context, pub.timestamp, pub.message, pub.from_peer, pub, True
+                        pub.topic,
+                        context,
+                        pub.timestamp,
+                        pub.message,
+                        pub.from_peer,
+                        pub,
+                        recovered,
                     )
                 )
                 for pub in pubs
             ]
         )
         conn.send(data)
-        self.stats.replayed += len(pubs)
+        if recovered:
+            self.stats.replayed += len(pubs)
+        else:
+            self.stats.deliveries += len(pubs)
         return len(data)
 
     # -- paged replays ----------------------------------------------------
@@ -503,10 +626,17 @@ class Hub:
             raise ProtocolError(
                 ErrorCode.FORBIDDEN, f"not permitted to read {req.topic!r}", "history", req.id
             )
+        if self._shared is not None:
+            self._history_shared(conn, req, history)
+            return
         try:
             page = history.history(req.topic, req.limit, now=self._now(), since=req.since)
         except HistoryError as exc:
             raise ProtocolError(exc.code, exc.detail, "history", req.id) from None
+        self._reply(conn, self._history_frame(req, page))
+
+    def _history_frame(self, req: History, page: HistoryPage) -> bytes:
+        """The ``history`` reply for ``page``: one frame of at most half the outbound bound."""
         # The reply is one frame: keep it to half the outbound bound, newest first.
         budget = self.config.max_outbound_buffer // 2 - 512  # the reply's own fields
         encoded: list[bytes] = []
@@ -526,10 +656,12 @@ class Hub:
             encoded.append(item)
         encoded.reverse()
         truncated = len(encoded) < len(page.publications)
-        conn.send(text_frame(encode_history(req.topic, page, encoded, req.id, truncated)))
+        return text_frame(encode_history(req.topic, page, encoded, req.id, truncated))
 
     def _on_unsubscribe(self, conn: Connection, req: Unsubscribe) -> None:
         self._cancel_replay(conn, req.topic)
+        if self._holds:
+            self._drop_holds(conn, req.topic)
         self.router.unsubscribe(conn, req.topic)
         self._ack(conn, "unsubscribe", req.topic, req.id)
         if self.events.has("unsubscribe"):
@@ -563,6 +695,12 @@ class Hub:
                 self.router.authorize_publish(permissions, req.topic)
             except PermissionDenied as exc:
                 raise ProtocolError(ErrorCode.FORBIDDEN, str(exc), "publish", req.id) from None
+        if self._shared is not None:
+            assert self.history is not None
+            found = self.history.patterns.stream_of(req.topic)
+            if found is not None:
+                self._publish_shared(conn, req, found)
+                return
         self.route(req, conn.client_id)
         position = req.position
         extra = None if position is None else position_fields(position)
@@ -609,6 +747,8 @@ class Hub:
         """
         if pub.timestamp is None:
             pub.timestamp = self._clock.now()
+        if self._shared is not None and self._route_shared(pub, client_id):
+            return 0
         if self.router.admit(pub) is not Admission.NEW:
             self.stats.duplicates_dropped += 1
             return 0
@@ -629,6 +769,10 @@ class Hub:
             self.stats.duplicates_dropped += 1
         return admission
 
+    def receive_kept(self, pub: Publish, extra: dict[str, Any] | None) -> None:
+        """A publication of a shared stream, in offset order (LinkHost)."""
+        self.deliver(pub, extra)
+
     def deliver(self, pub: Publish, extra: dict[str, Any] | None = None) -> int:
         """Plan one delivery per matching subscription on this server; return how many.
 
@@ -648,6 +792,10 @@ class Hub:
         if len(matches) > self._max_matches:
             # Only then can one connection hold more matching subscriptions than allowed.
             matches = self._limit_amplification(pub.topic, matches)
+        if self._holds and position is not None:
+            waiting = self._holds.get(position.stream)
+            if waiting:
+                matches = self._divert(position, matches, waiting)
         writer = self._writer
         assert writer is not None
         encoder = DeliveryEncoder(
@@ -714,6 +862,328 @@ class Hub:
             self.router.drop(conn)
         return self.router.match(topic)
 
+    # -- shared history ---------------------------------------------------
+
+    def _append_shared(
+        self, pub: Publish, found: tuple[str, HistoryPattern]
+    ) -> asyncio.Future[tuple[str, int]]:
+        """Hand an admitted publish to the engine; the other links get it as usual."""
+        shared = self._shared
+        assert shared is not None
+        body = orjson.dumps(pub.message)
+        future = shared.append(pub, found[0], found[1], body)
+        pub.message = orjson.Fragment(body)
+        for link in self.links:
+            if link is not self._shared_link:
+                link.forward(pub)
+        self.stats.publishes += 1
+        return future
+
+    def _route_shared(self, pub: Publish, client_id: str | None) -> bool:
+        """:meth:`route` for a topic with shared history (True: taken); no ack to wait for."""
+        assert self.history is not None
+        found = self.history.patterns.stream_of(pub.topic)
+        if found is None:
+            return False
+        if self.router.admit(pub) is not Admission.NEW:
+            self.stats.duplicates_dropped += 1
+            return True
+        future = self._append_shared(pub, found)
+        future.add_done_callback(_log_append_failure)
+        if self.events.has("publish"):
+            self.events.emit("publish", pub.topic, client_id)
+        return True
+
+    def _publish_shared(
+        self, conn: Connection, req: Publish, found: tuple[str, HistoryPattern]
+    ) -> None:
+        """A client's publish to a shared stream: the ack waits for the engine's offset."""
+        if req.timestamp is None:
+            req.timestamp = self._clock.now()
+        if self.router.admit(req) is not Admission.NEW:
+            self.stats.duplicates_dropped += 1
+            self._ack(conn, "publish", req.topic, req.id)
+            return
+        slot = self._defer(conn)
+        if slot is None:
+            return
+        future = self._append_shared(req, found)
+        assert self._writer is not None
+        timer = self._writer.loop.call_later(
+            self.config.history_publish_timeout, self._append_timed_out, conn, slot, req, future
+        )
+        future.add_done_callback(lambda f: self._append_settled(conn, slot, req, f, timer))
+        if self.events.has("publish"):
+            self.events.emit("publish", req.topic, conn.client_id)
+
+    def _append_settled(
+        self,
+        conn: Connection,
+        slot: _Deferred,
+        req: Publish,
+        future: asyncio.Future[tuple[str, int]],
+        timer: asyncio.TimerHandle,
+    ) -> None:
+        timer.cancel()
+        if slot.frame is not None:
+            return  # timed out already
+        if future.cancelled() or future.exception() is not None:
+            if future.cancelled():
+                detail = "the history append was withdrawn"
+            else:
+                detail = f"the backplane refused the history append: {future.exception()}"
+            self._append_failed(conn, slot, req, detail)
+            return
+        epoch, offset = future.result()
+        assert self.history is not None
+        found = self.history.patterns.stream_of(req.topic)
+        extra = {"stream": found[0] if found else "", "offset": offset, "epoch": epoch}
+        frame = text_frame(encode_ack("publish", req.topic, self._clock.now(), req.id, extra))
+        self._settle(conn, slot, frame)
+
+    def _append_timed_out(
+        self,
+        conn: Connection,
+        slot: _Deferred,
+        req: Publish,
+        future: asyncio.Future[tuple[str, int]],
+    ) -> None:
+        future.cancel()  # withdrawn if it was not written yet
+        self._append_failed(
+            conn,
+            slot,
+            req,
+            f"the backplane did not confirm the history append within "
+            f"{self.config.history_publish_timeout:g}s (unreachable?); it was probably not kept",
+        )
+
+    def _append_failed(self, conn: Connection, slot: _Deferred, req: Publish, detail: str) -> None:
+        err = ProtocolError(ErrorCode.OVERLOADED, detail, "publish", req.id)
+        self._settle(conn, slot, self._error_frame(err))
+
+    def _subscribe_shared(self, conn: Connection, req: Subscribe, stream: str) -> None:
+        """Subscribe inside one shared stream: join now, hold live deliveries, read, release.
+
+        The subscription joins the router at once (so the channel is wanted
+        upstream), but its deliveries of ``stream`` are held (:meth:`_divert`)
+        until the engine read is answered: then the ack, the replay, the held
+        deliveries beyond it, and from then on live ones beyond it. The link
+        delivers a stream in offset order, so this has no gap and no duplicate.
+        """
+        if req.recover is not None and not conn.permissions.may_subscribe(req.topic):
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN,
+                f"not permitted to subscribe to {req.topic!r}",
+                "subscribe",
+                req.id,
+            )
+        self._subscribe(conn, req)
+        slot = self._defer(conn)
+        if slot is None:
+            return
+        hold = _Hold(conn, req.topic, stream)
+        self._holds.setdefault(stream, []).append(hold)
+        task = asyncio.get_running_loop().create_task(self._recover_shared(conn, req, hold, slot))
+        self._replays.setdefault(conn, {})[req.topic] = task
+        if self.events.has("subscribe"):
+            self.events.emit("subscribe", req.topic, conn.client_id)
+
+    async def _recover_shared(
+        self, conn: Connection, req: Subscribe, hold: _Hold, slot: _Deferred
+    ) -> None:
+        shared = self._shared
+        assert shared is not None
+        stream, topic = hold.stream, req.topic
+        done = False
+        try:
+            if req.recover is None:
+                epoch, head, _ = await shared.read(stream, 0, 0)
+                fields = {"stream": stream, "epoch": epoch, "offset": head}
+                self._settle(conn, slot, self._ack_frame(req, fields))
+                self._release(hold, epoch, head)
+                done = True
+                return
+            wanted, after = req.recover
+            epoch, head, pubs = await shared.read(stream, max(0, after), REPLAY_PAGE)
+            full = len(pubs) >= REPLAY_PAGE
+            ok = (
+                epoch == wanted
+                and 0 <= after <= head
+                and (after == head or (bool(pubs) and pubs[0].offset == after + 1))
+            )
+            if ok:
+                self.stats.recoveries_ok += 1
+            else:
+                self.stats.recoveries_failed += 1
+            fields = {"recovered": ok, "stream": stream, "epoch": epoch, "offset": head}
+            self._settle(conn, slot, self._ack_frame(req, fields))
+            last = after if ok else head
+            while ok:
+                if pubs:
+                    last = pubs[-1].offset
+                    if topic != stream:
+                        pubs = [p for p in pubs if topic_matches(topic, p.topic)]
+                    self._send_replay(conn, topic, pubs)
+                if not full:
+                    break
+                await self._drained(conn)
+                if conn.closing:
+                    return
+                again, _, pubs = await shared.read(stream, last, REPLAY_PAGE)
+                full = len(pubs) >= REPLAY_PAGE
+                if again != epoch or (full and pubs[0].offset != last + 1):
+                    conn.fail(CloseCode.TRY_AGAIN_LATER, "recovery fell behind the history")
+                    return
+                if pubs and pubs[0].offset != last + 1:
+                    conn.fail(CloseCode.TRY_AGAIN_LATER, "recovery fell behind the history")
+                    return
+            self._release(hold, epoch, last)
+            done = True
+        except ConnectionError as exc:
+            err = ProtocolError(
+                ErrorCode.OVERLOADED, f"history unavailable: {exc}", "subscribe", req.id
+            )
+            if slot.frame is None:
+                self.router.unsubscribe(conn, topic)
+                self._settle(conn, slot, self._error_frame(err))
+            else:
+                conn.fail(CloseCode.TRY_AGAIN_LATER, "history unavailable")
+        except Exception:
+            log.exception("internal error recovering history for %s", conn.client_id)
+            conn.fail(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            if not done:
+                self._unhold(hold)
+                if slot.frame is None:
+                    # Cancelled (the subscription was replaced): keep the reply order.
+                    cut: dict[str, Any] | None = (
+                        {"recovered": False} if req.recover is not None else None
+                    )
+                    self._settle(conn, slot, self._ack_frame(req, cut))
+            replays = self._replays.get(conn)
+            if replays is not None and replays.get(topic) is asyncio.current_task():
+                del replays[topic]
+                if not replays:
+                    del self._replays[conn]
+
+    def _ack_frame(self, req: Subscribe, fields: dict[str, Any] | None) -> bytes:
+        return text_frame(encode_ack("subscribe", req.topic, self._clock.now(), req.id, fields))
+
+    def _release(self, hold: _Hold, epoch: str, last: int) -> None:
+        """The seam: send what was held beyond ``last``, then pass live ones beyond it."""
+        held, hold.held = hold.held or [], None
+        later = [p for p in held if p.epoch != epoch or p.offset > last]
+        if later:
+            self._send_replay(hold.conn, hold.topic, later, recovered=False)
+            self._unhold(hold)  # everything from now on is later still
+        else:
+            hold.floor = (epoch, last)
+
+    def _unhold(self, hold: _Hold) -> None:
+        waiting = self._holds.get(hold.stream)
+        if waiting is not None and hold in waiting:
+            waiting.remove(hold)
+            if not waiting:
+                del self._holds[hold.stream]
+
+    def _drop_holds(self, conn: Connection, topic: str | None) -> None:
+        for hold in [
+            h
+            for waiting in self._holds.values()
+            for h in waiting
+            if h.conn is conn and (topic is None or h.topic == topic)
+        ]:
+            self._unhold(hold)
+
+    def _divert(
+        self,
+        position: Any,
+        matches: list[tuple[str, dict[Connection, None]]],
+        waiting: list[_Hold],
+    ) -> list[tuple[str, dict[Connection, None]]]:
+        """Keep the held subscriptions' connections out of a delivery of their stream."""
+        skip: dict[str, set[Connection]] = {}
+        contexts = {context: subs for context, subs in matches}
+        for hold in list(waiting):
+            subs = contexts.get(hold.topic)
+            if subs is None or hold.conn not in subs:
+                continue
+            if hold.held is not None:
+                hold.held.append(position)
+                if len(hold.held) > MAX_HELD:
+                    hold.conn.fail(
+                        CloseCode.TRY_AGAIN_LATER, "too many live publications while recovering"
+                    )
+                    self._unhold(hold)
+            elif hold.floor is not None and (
+                position.epoch == hold.floor[0] and position.offset <= hold.floor[1]
+            ):
+                pass  # covered by the recovery: a duplicate at the seam
+            else:
+                self._unhold(hold)
+                continue
+            skip.setdefault(hold.topic, set()).add(hold.conn)
+        if not skip:
+            return matches
+        out: list[tuple[str, dict[Connection, None]]] = []
+        for context, subs in matches:
+            drop = skip.get(context)
+            if drop:
+                subs = {c: None for c in subs if c not in drop}
+                if not subs:
+                    continue
+            out.append((context, subs))
+        return out
+
+    def _history_shared(self, conn: Connection, req: History, history: HistoryStore) -> None:
+        try:
+            stream = history.stream_of_request(req.topic)
+        except HistoryError as exc:
+            raise ProtocolError(exc.code, exc.detail, "history", req.id) from None
+        slot = self._defer(conn)
+        if slot is None:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._read_history(conn, req, history, stream, slot)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _read_history(
+        self, conn: Connection, req: History, history: HistoryStore, stream: str, slot: _Deferred
+    ) -> None:
+        shared = self._shared
+        assert shared is not None
+        limit = req.limit
+        found = history.patterns.stream_of(stream)
+        size = found[1].size if found is not None else limit
+        # A subtopic's publications are spread among the stream's: read what it keeps.
+        count = limit if req.topic == stream else min(max(limit, size), MAX_HISTORY_SCAN)
+        try:
+            since = req.since
+            epoch, head, pubs = await shared.read(
+                stream, since[1] if since else 0, count if limit > 0 else 0, newest=True
+            )
+            ignored = since is not None and since[0] != epoch
+            if ignored:
+                epoch, head, pubs = await shared.read(
+                    stream, 0, count if limit > 0 else 0, newest=True
+                )
+            if req.topic != stream:
+                pubs = [p for p in pubs if topic_matches(req.topic, p.topic)]
+            pubs = pubs[-limit:] if limit > 0 else []
+            frame = self._history_frame(req, HistoryPage(stream, epoch, head, pubs, ignored))
+        except ConnectionError as exc:
+            err = ProtocolError(
+                ErrorCode.OVERLOADED, f"history unavailable: {exc}", "history", req.id
+            )
+            frame = self._error_frame(err)
+        except Exception:
+            log.exception("internal error reading history for %s", conn.client_id)
+            err = ProtocolError(ErrorCode.OVERLOADED, "history unavailable", "history", req.id)
+            frame = self._error_frame(err)
+        self._settle(conn, slot, frame)
+
     def emit(self, event: str, *args: Any) -> None:
         """Fire a server event (LinkHost)."""
         self.events.emit(event, *args)
@@ -764,6 +1234,46 @@ class Hub:
 
 _DRAIN_POLL = 0.002
 """Seconds between checks of a connection's queue while a paged replay waits on it."""
+
+MAX_DEFERRED = 1024
+"""Replies a connection may have waiting behind a deferred one (shared history)."""
+REPLAY_PAGE = 1000
+"""Publications per engine read while recovering from shared history."""
+MAX_HELD = 10_000
+"""Live deliveries held for one subscription while its engine read is in flight."""
+MAX_HISTORY_SCAN = 10_000
+"""Entries a ``history`` request of a subtopic reads from the engine at most."""
+
+
+class _Deferred:
+    """A reply whose frame comes later, holding its place in the connection's order."""
+
+    __slots__ = ("frame",)
+
+    def __init__(self) -> None:
+        self.frame: bytes | None = None
+
+
+class _Hold:
+    """A subscription whose live deliveries of ``stream`` wait for its engine read.
+
+    ``held`` collects them while the read is in flight; once released,
+    ``floor`` drops those the read already covered, until a later one passes.
+    """
+
+    __slots__ = ("conn", "floor", "held", "stream", "topic")
+
+    def __init__(self, conn: Connection, topic: str, stream: str) -> None:
+        self.conn = conn
+        self.topic = topic
+        self.stream = stream
+        self.held: list[Any] | None = []
+        self.floor: tuple[str, int] | None = None
+
+
+def _log_append_failure(future: asyncio.Future[tuple[str, int]]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("a history append failed: %s", future.exception())
 
 
 def _estimate(pubs: list[Publication]) -> int:

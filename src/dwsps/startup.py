@@ -133,6 +133,11 @@ def _check_backplane(config: ServerConfig) -> None:
 def _check_history(config: ServerConfig) -> None:
     if config.history_max_bytes < 1:
         _fail("history_max_bytes", f"must be at least 1, got {config.history_max_bytes}")
+    if not 0 < config.history_publish_timeout < float("inf"):
+        _fail(
+            "history_publish_timeout",
+            f"must be a positive number of seconds, got {config.history_publish_timeout}",
+        )
     try:
         history_store(config.history, config.history_max_bytes, config.topic_limits)
     except HistoryConfigError as exc:

@@ -167,6 +167,7 @@ class Stream(asyncio.BufferedProtocol):
         "_reader",
         "_renew",
         "_renewing",
+        "_throttled",
         "loop",
         "owner",
         "proto",
@@ -190,6 +191,7 @@ class Stream(asyncio.BufferedProtocol):
         self.owner: StreamOwner | None = None
         self._reader = reader
         self._read = 0
+        self._throttled = False
         self._drained = 0
         self._parse = True
         self._linger: asyncio.TimerHandle | None = None
@@ -260,8 +262,28 @@ class Stream(asyncio.BufferedProtocol):
             self._renewing = False
 
     def _resume_reading(self) -> None:
-        if not self.transport.is_closing():
+        if not self.transport.is_closing() and not self._throttled:
             self.transport.resume_reading()
+
+    @property
+    def throttled(self) -> bool:
+        """Whether :meth:`throttle` stopped reading."""
+        return self._throttled
+
+    def throttle(self, on: bool) -> None:
+        """Stop reading the client's requests (``on``) or start again: backpressure.
+
+        The hub uses it while a connection has many replies waiting on the
+        backplane; the per-turn read budget never resumes a throttled stream.
+        """
+        self._throttled = on
+        transport = self.transport
+        if transport.is_closing() or self._linger is not None:
+            return
+        if on:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
 
     def eof_received(self) -> bool | None:
         if self._linger is not None:

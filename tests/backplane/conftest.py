@@ -37,8 +37,10 @@ NO_HEARTBEAT = ("--heartbeat-interval", "0")
 class RedisProcess:
     """A redis-server subprocess on a fixed port, restartable."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, args: tuple[str, ...] = ()) -> None:
         self.port = port or free_port()
+        self.args = args
+        """More redis-server arguments (they override the defaults: persistence, --dir)."""
         self.proc: asyncio.subprocess.Process | None = None
         self._drain: asyncio.Task[None] | None = None
 
@@ -60,6 +62,7 @@ class RedisProcess:
             "",
             "--appendonly",
             "no",
+            *self.args,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )

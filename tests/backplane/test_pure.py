@@ -125,3 +125,26 @@ async def test_redis_outbox_bound_drops_oldest_and_counts() -> None:
     assert status["outbox"] == 3
     assert status["dropped"] == 2
     assert [p for _, p in bp._outbox] == [b"2", b"3", b"4"]
+
+
+def test_kept_envelope_carries_the_engine_position() -> None:
+    payload = env.encode("s1", 0, "chat.room.x", "t", {"a": 1}, "o1", 3, stream="chat.room")
+    assert env.decode(payload).stream == "chat.room"
+    assert env.decode(payload).epoch is None
+    e = env.decode(env.position_line("ab12", 42) + payload)
+    assert (e.stream, e.epoch, e.offset, e.topic) == ("chat.room", "ab12", 42, "chat.room.x")
+    assert orjson.loads(e.body) == {"a": 1}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [b"@ab12\n", b"@ab12 x\n{}", b"@ 3\n{}", b"@ab12 3"],
+)
+def test_bad_position_lines_are_refused(bad: bytes) -> None:
+    with pytest.raises(EnvelopeError):
+        env.decode(bad + env.encode("s", 0, "t", "ts", 1, stream="t"))
+
+
+def test_a_position_line_needs_a_stream() -> None:
+    with pytest.raises(EnvelopeError, match="without a stream"):
+        env.decode(env.position_line("e", 1) + env.encode("s", 0, "t", "ts", 1))

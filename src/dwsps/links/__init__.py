@@ -20,10 +20,12 @@ hand publishes to, and no branch for it anywhere.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from dwsps.history import HistoryPattern, HistoryPatterns, Publication
 from dwsps.http import Handler
 from dwsps.messages import Clock, Publish
 from dwsps.router import Admission
@@ -47,8 +49,32 @@ class LinkHost(Protocol):
         identity check decided (duplicates and own publishes are not delivered).
         """
 
+    def receive_kept(self, pub: Publish, extra: dict[str, Any] | None) -> None:
+        """Deliver a publication of a shared history stream (``pub.position`` set).
+
+        The link has put these in offset order and dropped copies, the
+        server's own publications included: no identity check.
+        """
+
     def emit(self, event: str, *args: Any) -> None:
         """Fire a server event (``peer_up``, ``backplane_down``, ...)."""
+
+
+class KeptHistory(Protocol):
+    """History streams shared by every server of a group (a link offers it; the hub uses it)."""
+
+    def append(
+        self, pub: Publish, stream: str, pattern: HistoryPattern, body: bytes
+    ) -> asyncio.Future[tuple[str, int]]:
+        """Append ``pub`` (``body``: its message as JSON) to ``stream``: the future gets
+        (epoch, offset); every server of the group delivers it with that position."""
+
+    async def read(
+        self, stream: str, after: int, limit: int, newest: bool = False
+    ) -> tuple[str, int, list[Publication]]:
+        """(epoch, last offset, publications after ``after``), the ones past the age limit
+        left out; oldest first, or the newest ``limit`` (still oldest first) if ``newest``.
+        Raises ConnectionError when the engine is unreachable."""
 
 
 class Link(ABC):
@@ -84,3 +110,7 @@ class Link(ABC):
     def http_routes(self) -> Mapping[str, Handler]:
         """Extra ``GET`` paths this link serves (e.g. its own health check)."""
         return {}
+
+    def kept_history(self, patterns: HistoryPatterns) -> KeptHistory | None:
+        """Keep the history of ``patterns`` in the shared engine, if this link can."""
+        return None

@@ -20,10 +20,15 @@ module and one more URL scheme (registered in :mod:`dwsps.links.backplane`):
     channel). Called only when a key's local interest goes 0↔1.
 ``healthy``, ``status()``
     Whether it is usable now, and a JSON-ready description.
+
+An engine may also keep history streams (:class:`SharedHistory`, below; the
+Redis engine does, ``memory://`` and ``ipc://`` do not, so their servers keep
+history in memory each).
 """
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,3 +88,76 @@ class Backplane(ABC):
     @abstractmethod
     def status(self) -> dict[str, Any]:
         """State and counters, JSON-ready (shown in ``/health``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeptEntry:
+    """One publication read back from a shared history stream."""
+
+    offset: int
+    payload: bytes
+    """The kept envelope (:mod:`dwsps.links.envelope`, without a position line)."""
+    age: float
+    """Seconds since the engine appended it, by the engine's clock."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRead:
+    """What :meth:`SharedHistory.read` found: the stream's position and some entries."""
+
+    epoch: str
+    offset: int
+    """The stream's last offset when it was read."""
+    entries: list[KeptEntry]
+    """Oldest first, or newest first for a ``newest`` read."""
+
+
+class SharedHistory(ABC):
+    """An optional capability of a :class:`Backplane`: history streams kept in the engine.
+
+    With it, every server of the group agrees on offsets and a client recovers
+    on any server. ``append`` takes the next offset, keeps the envelope and
+    sends it on channel ``key`` with a position line
+    (:func:`dwsps.links.envelope.position_line`) in one atomic step, so the
+    order of a stream's offsets is the order of its channel. The engine
+    creates a stream with ``new_epoch`` when it has none (never had one, or
+    lost it), and also when ``known`` (the highest (epoch, offset) the caller
+    has seen of it) is ahead of what it holds in that epoch: it lost a tail,
+    and those offsets must not name a second publication.
+    """
+
+    @abstractmethod
+    def append(
+        self,
+        key: str,
+        stream: str,
+        size: int,
+        ttl: float,
+        payload: bytes,
+        new_epoch: str,
+        known: tuple[str, int] | None,
+    ) -> asyncio.Future[tuple[str, int]]:
+        """Queue the append (never blocks); the future gets the (epoch, offset) taken.
+
+        Cancelling the future before the append was written withdraws it.
+        While the engine is unreachable appends wait in the bounded outbox; one
+        the bound evicts never completes (the caller bounds its wait).
+        """
+
+    @abstractmethod
+    async def read(
+        self,
+        stream: str,
+        after: int,
+        limit: int,
+        *,
+        new_epoch: str,
+        ttl: float,
+        newest: bool = False,
+    ) -> StreamRead:
+        """Up to ``limit`` entries after offset ``after`` (the newest ones if ``newest``).
+
+        A stream the engine has no state for is created empty with
+        ``new_epoch``, so the position it reports stays valid for the first
+        publish. Raises :class:`ConnectionError` when the engine is unreachable.
+        """

@@ -20,6 +20,18 @@ Header fields:
 ``t``  published topic. ``ts`` publisher or server timestamp.
 ``p``  present and true when the publish entered the service through a
        peer link (``fromPeerServer``).
+``h``  the history stream of the publish, when it goes through shared history.
+
+A publish to a topic with shared history (:class:`~dwsps.links.engine.SharedHistory`)
+is sent as a *kept* envelope: the engine prefixes the envelope above with a
+position line that only it can write, since it assigns the offset::
+
+    @<epoch> <offset>
+    {"v":1,"s":…,"h":"chat.room1",…}
+    "Hello"
+
+The same bytes (without the position line) are what the engine keeps in the
+stream, so a read from the history decodes with :func:`decode` too.
 """
 
 from __future__ import annotations
@@ -49,6 +61,12 @@ class Envelope:
     origin: str | None = None
     seq: int | None = None
     from_peer: bool = False
+    stream: str | None = None
+    """The history stream (kept envelopes only)."""
+    epoch: str | None = None
+    """The stream's epoch, from the engine's position line (None when there is none)."""
+    offset: int = 0
+    """The offset the engine assigned (0 when there is no position line)."""
 
 
 def encode(
@@ -60,8 +78,9 @@ def encode(
     origin: str | None = None,
     seq: int | None = None,
     from_peer: bool = False,
+    stream: str | None = None,
 ) -> bytes:
-    """Build one envelope."""
+    """Build one envelope (``stream``: a kept envelope's history stream)."""
     header: dict[str, Any] = {"v": VERSION, "s": sender, "c": channel_seq}
     if origin is not None and seq is not None:
         header["o"] = origin
@@ -70,11 +89,26 @@ def encode(
     header["ts"] = timestamp
     if from_peer:
         header["p"] = True
+    if stream is not None:
+        header["h"] = stream
     return orjson.dumps(header) + b"\n" + orjson.dumps(message)
 
 
+def position_line(epoch: str, offset: int) -> bytes:
+    """The line an engine puts before a kept envelope (what its script writes)."""
+    return b"@%b %d\n" % (epoch.encode(), offset)
+
+
 def decode(payload: bytes) -> Envelope:
-    """Parse an envelope; raise :class:`EnvelopeError` if it is not one."""
+    """Parse an envelope, with its position line if any; :class:`EnvelopeError` if not one."""
+    epoch: str | None = None
+    offset = 0
+    if payload[:1] == b"@":
+        line, sep, payload = payload.partition(b"\n")
+        parts = line[1:].split(b" ")
+        if not sep or len(parts) != 2 or not parts[0] or not parts[1].isdigit():
+            raise EnvelopeError("bad position line")
+        epoch, offset = parts[0].decode("ascii", "replace"), int(parts[1])
     head, sep, body = payload.partition(b"\n")
     if not sep or not body:
         raise EnvelopeError("no header line")
@@ -96,4 +130,11 @@ def decode(payload: bytes) -> Envelope:
     origin, seq = header.get("o"), header.get("q")
     if not (isinstance(origin, str) and type(seq) is int):
         origin, seq = None, None
-    return Envelope(sender, cseq, topic, ts, body, origin, seq, header.get("p") is True)
+    stream = header.get("h")
+    if not isinstance(stream, str) or not stream:
+        stream = None
+    if epoch is not None and stream is None:
+        raise EnvelopeError("a position line on an envelope without a stream")
+    return Envelope(
+        sender, cseq, topic, ts, body, origin, seq, header.get("p") is True, stream, epoch, offset
+    )

@@ -45,24 +45,49 @@ Presence and resync
     every server it saw before the outage is back in that set, or until
     ``resync_timeout`` has passed (then it logs who is missing and goes on;
     what they miss shows up in their gap counters).
+
+History streams (:class:`~dwsps.links.engine.SharedHistory`)
+    Per stream two keys, the stream name as hash tag (one Cluster slot):
+    ``{prefix}:hm:{<stream>}``, a hash with ``epoch`` and ``offset``, and
+    ``{prefix}:hs:{<stream>}``, a Redis stream whose entry ids *are* the
+    offsets (``42-0`` is offset 42; fields ``e``, the kept envelope, and
+    ``r``, Redis's clock in ms when it was appended). One Lua script
+    (``EVALSHA``, loaded once per session) creates the meta when absent (or
+    fences a lost tail: a new epoch), takes the offset, ``XADD`` with
+    ``MAXLEN ~ size``, refreshes both keys' TTL and ``PUBLISH`` the
+    envelope with its position line: one atomic step, so all servers agree on
+    offsets and a stream's order is its channel's. Appends travel in the same
+    outbox and pipelined batches as plain publishes (a publish and an append
+    of one server keep their order). Reads (``XRANGE``/``XREVRANGE`` by
+    offset, in a second script that also creates an absent stream) share the
+    publish connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from redis.asyncio.connection import AbstractConnection, Connection, parse_url
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from dwsps.backoff import Backoff
 from dwsps.errors import ConfigError
 from dwsps.interest import ALL
-from dwsps.links.engine import Backplane, BackplaneOptions, Sink, StateListener
+from dwsps.links.engine import (
+    Backplane,
+    BackplaneOptions,
+    KeptEntry,
+    SharedHistory,
+    Sink,
+    StateListener,
+    StreamRead,
+)
 from dwsps.outbox import Outbox
 from dwsps.redact import redact
 
@@ -85,6 +110,75 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 
+# KEYS: meta, log. ARGV: new epoch, size, ttl ms, envelope, channel, known epoch,
+# known offset. Returns {epoch, offset}. Ids are offsets, so XRANGE by offset is exact.
+_APPEND = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local offset = 0
+if epoch then
+  offset = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
+  if epoch == ARGV[6] and offset < tonumber(ARGV[7]) then
+    -- Offsets up to ARGV[7] were handed out in this epoch and Redis lost
+    -- them (a restart from an old snapshot): never reuse them.
+    epoch = false
+  end
+end
+if not epoch then
+  epoch = ARGV[1]
+  offset = 0
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+end
+offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], offset .. '-0', 'e', ARGV[4], 'r', now)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('PUBLISH', ARGV[5], '@' .. epoch .. ' ' .. offset .. '\\n' .. ARGV[4])
+return {epoch, offset}
+"""
+
+# KEYS: meta, log. ARGV: new epoch, after, limit, newest (1/0), ttl ms.
+# Returns {epoch, offset, now ms, entries}; an absent stream is created empty.
+_READ = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+end
+local offset = redis.call('HGET', KEYS[1], 'offset') or '0'
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local entries = {}
+local limit = tonumber(ARGV[3])
+if limit > 0 then
+  local low = '(' .. ARGV[2] .. '-0'
+  if ARGV[4] == '1' then
+    entries = redis.call('XREVRANGE', KEYS[2], '+', low, 'COUNT', limit)
+  else
+    entries = redis.call('XRANGE', KEYS[2], low, '+', 'COUNT', limit)
+  end
+end
+return {epoch, offset, now, entries}
+"""
+
+_APPEND_SHA = hashlib.sha1(_APPEND.encode()).hexdigest().encode()
+_READ_SHA = hashlib.sha1(_READ.encode()).hexdigest().encode()
+
+
+class _Append:
+    """An append waiting in the outbox: its script call and the caller's future."""
+
+    __slots__ = ("args", "future")
+
+    def __init__(self, args: tuple[bytes | int | str, ...], future: asyncio.Future[Any]) -> None:
+        self.args = args
+        self.future = future
+
+
 _OWN_OPTIONS = ("prefix", "health_interval", "resync_timeout", "max_backoff")
 
 
@@ -92,7 +186,7 @@ class _SessionLost(ConnectionError):
     """The current Redis session cannot go on (the reason is the message)."""
 
 
-class RedisBackplane(Backplane):
+class RedisBackplane(Backplane, SharedHistory):
     """A backplane on one Redis server (see the module docstring)."""
 
     def __init__(self, url: str, options: BackplaneOptions) -> None:
@@ -114,8 +208,12 @@ class RedisBackplane(Backplane):
         self.max_backoff = float(ours.get("max_backoff", 2.0))
         self.max_messages = options.buffer_messages
         self.max_bytes = options.buffer_bytes
-        # (channel, payload) envelopes until Redis confirms their PUBLISH.
-        self._outbox: Outbox[tuple[bytes, bytes]] = Outbox(self.max_messages, self.max_bytes)
+        # (channel, payload) envelopes until Redis confirms their PUBLISH, and
+        # history appends until Redis answers their script.
+        self._outbox: Outbox[tuple[bytes, bytes] | _Append] = Outbox(
+            self.max_messages, self.max_bytes
+        )
+        self._scripts_loaded = False
         self._channel_prefix = (self.prefix + ":").encode()
         self._pattern = self._channel_prefix + b"*"
         self._presence_key = f"{self.prefix}:servers"
@@ -146,6 +244,7 @@ class RedisBackplane(Backplane):
         self._ready = False
         self._last_read = 0.0
         self._pub_lock = asyncio.Lock()
+        self._pub_conn: AbstractConnection | None = None
 
         self.received = 0
         self.sessions = 0
@@ -178,6 +277,86 @@ class RedisBackplane(Backplane):
             self._log_drops()
         self._idle.clear()
         self._wake_sender.set()
+
+    def append(
+        self,
+        key: str,
+        stream: str,
+        size: int,
+        ttl: float,
+        payload: bytes,
+        new_epoch: str,
+        known: tuple[str, int] | None,
+    ) -> asyncio.Future[tuple[str, int]]:
+        future: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+        meta, log_key = self._history_keys(stream)
+        args = (
+            b"EVALSHA",
+            _APPEND_SHA,
+            2,
+            meta,
+            log_key,
+            new_epoch,
+            size,
+            max(1, int(ttl * 1000)),
+            payload,
+            self._channel_prefix + key.encode(),
+            known[0] if known else "",
+            known[1] if known else 0,
+        )
+        if self._outbox.add(_Append(args, future), len(payload) + 64):
+            self._log_drops()
+        self._idle.clear()
+        self._wake_sender.set()
+        return future
+
+    async def read(
+        self,
+        stream: str,
+        after: int,
+        limit: int,
+        *,
+        new_epoch: str,
+        ttl: float,
+        newest: bool = False,
+    ) -> StreamRead:
+        if not self._ready:
+            raise ConnectionError(f"backplane {self.state}: {self.reason}")
+        meta, log_key = self._history_keys(stream)
+        pub = self._pub_conn
+        assert pub is not None
+        try:
+            async with self._pub_lock:
+                await self._load_scripts(pub)
+                await pub.send_command(
+                    "EVALSHA",
+                    _READ_SHA,
+                    2,
+                    meta,
+                    log_key,
+                    new_epoch,
+                    max(0, after),
+                    max(0, limit),
+                    1 if newest else 0,
+                    max(1, int(ttl * 1000)),
+                    check_health=False,
+                )
+                reply = await pub.read_response(timeout=CONNECT_TIMEOUT * 2)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise ConnectionError(f"history read failed: {_describe(exc)}") from None
+        return _parse_read(reply)
+
+    def _history_keys(self, stream: str) -> tuple[str, str]:
+        return f"{self.prefix}:hm:{{{stream}}}", f"{self.prefix}:hs:{{{stream}}}"
+
+    async def _load_scripts(self, pub: AbstractConnection) -> None:
+        """Load the history scripts once per session (the caller holds the lock)."""
+        if self._scripts_loaded:
+            return
+        for script in (_APPEND, _READ):
+            await pub.send_command("SCRIPT", "LOAD", script, check_health=False)
+            await pub.read_response(timeout=CONNECT_TIMEOUT * 2)
+        self._scripts_loaded = True
 
     def subscribe(self, key: str) -> None:
         self._want.add(key)
@@ -311,6 +490,8 @@ class RedisBackplane(Backplane):
         self._ready_event.clear()
         self._last_read = asyncio.get_running_loop().time()
         self._pub_lock = asyncio.Lock()
+        self._pub_conn = pub
+        self._scripts_loaded = False
         known_before = set(self._known_servers)
         tasks = [
             asyncio.create_task(self._read(sub)),
@@ -475,16 +656,60 @@ class RedisBackplane(Backplane):
                 await self._wake_sender.wait()
                 continue
             batch = outbox.take_unsent(BATCH_MESSAGES, BATCH_BYTES)
+            commands: list[tuple[Any, ...]] = []
+            for item in batch:
+                if type(item) is _Append:
+                    # A withdrawn append (its caller gave up) goes as a no-op, so
+                    # the replies still pair up with the outbox entries.
+                    commands.append(item.args if not item.future.done() else (b"PING",))
+                else:
+                    commands.append((b"PUBLISH", *cast(tuple[bytes, bytes], item)))
             async with self._pub_lock:
-                await pub.send_packed_command(
-                    pub.pack_commands([(b"PUBLISH", ch, body) for ch, body in batch]),
-                    check_health=False,
-                )
-                for _ in batch:
-                    reply = await pub.read_response(timeout=CONNECT_TIMEOUT * 2)
+                if not self._scripts_loaded and any(type(i) is _Append for i in batch):
+                    await self._load_scripts(pub)
+                await pub.send_packed_command(pub.pack_commands(commands), check_health=False)
+                for item in batch:
+                    try:
+                        reply = await pub.read_response(timeout=CONNECT_TIMEOUT * 2)
+                    except ResponseError as exc:
+                        reply = exc
                     if reply is None:
                         raise _SessionLost("PUBLISH not confirmed in time")
                     outbox.confirm()
+                    if type(item) is _Append:
+                        _settle(item.future, reply)
+
+
+def _settle(future: asyncio.Future[Any], reply: Any) -> None:
+    """Complete an append's future with the script's reply."""
+    if future.done():
+        return
+    if isinstance(reply, list) and len(reply) == 2:
+        epoch, offset = reply
+        future.set_result((epoch.decode() if isinstance(epoch, bytes) else str(epoch), int(offset)))
+    else:
+        future.set_exception(ConnectionError(f"history append refused by Redis: {reply}"))
+
+
+def _parse_read(reply: Any) -> StreamRead:
+    """The read script's reply as a :class:`StreamRead`."""
+    if not isinstance(reply, list) or len(reply) != 4:
+        raise ConnectionError(f"unexpected reply to the history read: {reply!r}")
+    epoch, offset, now, raw = reply
+    now_ms = int(now)
+    entries: list[KeptEntry] = []
+    for entry_id, values in raw:
+        fields = dict(zip(values[::2], values[1::2], strict=True))
+        entries.append(
+            KeptEntry(
+                int(entry_id.split(b"-", 1)[0]),
+                fields[b"e"],
+                max(0.0, (now_ms - int(fields.get(b"r", now_ms))) / 1000.0),
+            )
+        )
+    return StreamRead(
+        epoch.decode() if isinstance(epoch, bytes) else str(epoch), int(offset), entries
+    )
 
 
 def _describe(exc: BaseException) -> str:
