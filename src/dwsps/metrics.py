@@ -244,7 +244,17 @@ _BACKPLANE_COUNTERS: Final = (
     (
         "dwsps_backplane_gaps",
         "gaps",
-        "publishes from other servers that never arrived (numbering gaps)",
+        "publishes from other servers that never arrived and could not be repaired",
+    ),
+    (
+        "dwsps_backplane_repaired",
+        "repaired",
+        "history publications missed in the live feed and restored from the shared stream",
+    ),
+    (
+        "dwsps_backplane_epochs_reset",
+        "epochs_reset",
+        "shared history streams seen in a new epoch (their history was lost)",
     ),
     ("dwsps_backplane_invalid", "invalid", "backplane messages that were not dwsps envelopes"),
     ("dwsps_backplane_published", "published", "envelopes the engine confirmed sent"),
