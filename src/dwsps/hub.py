@@ -852,7 +852,7 @@ class Hub:
             return matches
         for conn in over:
             self.stats.amplification_closes += 1
-            log.warning(
+            log.debug(
                 "closing %s: %d subscriptions match %r", conn.client_id, counts[conn], topic
             )
             conn.fail(
