@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
@@ -35,14 +34,19 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
-import orjson
-from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from dwsps.bench.client import Publisher, Subscriber, Tracker, close, connect
+from dwsps.loop import run as run_loop
 
 LISTENING = re.compile(rb"dwsps listening on (ws://\S+)")
 NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
 SERVE = (sys.executable, "-m", "dwsps", "serve", "--host", "127.0.0.1", "--port", "0")
+TOPIC = "bench.load"
+WAIT = 30.0
+"""Seconds a connection or a subscribe ack may take."""
+WARM_UP = 100
 
 
 def free_port() -> int:
@@ -51,68 +55,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class Subscriber(WSListener):  # type: ignore[misc]
-    """Counts deliveries; records latency for messages that carry a send time."""
-
-    def __init__(self, bench: Bench) -> None:
-        self.bench = bench
-        self.transport: WSTransport | None = None
-        self.acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.count = 0
-
-    def on_ws_connected(self, transport: WSTransport) -> None:
-        self.transport = transport
-
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        if frame.msg_type != WSMsgType.TEXT:
-            return
-        data = frame.get_payload_as_bytes()
-        if data.startswith(b'{"type":"ack"'):
-            if not self.acked.done():
-                self.acked.set_result(None)
-            return
-        self.count += 1
-        self.bench.delivered += 1
-        if self.bench.measure_latency:
-            msg = orjson.loads(data)["message"]
-            self.bench.latencies.append(time.perf_counter_ns() - msg["t"])
-        if self.bench.delivered == self.bench.expected:
-            self.bench.done.set()
-
-
-class Publisher(WSListener):  # type: ignore[misc]
-    """Sends publishes; counts acks so the sender can keep a bounded window."""
+class Progress:
+    """Wakes the publisher and the phase waits when acks or complete deliveries advance."""
 
     def __init__(self) -> None:
-        self.transport: WSTransport | None = None
-        self.acks = 0
-        self.ack_event = asyncio.Event()
+        self.event = asyncio.Event()
 
-    def on_ws_connected(self, transport: WSTransport) -> None:
-        self.transport = transport
+    def wake(self) -> None:
+        self.event.set()
 
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        if frame.msg_type == WSMsgType.TEXT and frame.get_payload_as_bytes().startswith(
-            b'{"type":"ack"'
-        ):
-            self.acks += 1
-            self.ack_event.set()
+    async def until(self, done: Callable[[], bool], timeout: float, what: str) -> None:
+        async def wait() -> None:
+            while not done():
+                self.event.clear()
+                await self.event.wait()
 
-
-class Bench:
-    def __init__(self) -> None:
-        self.delivered = 0
-        self.expected = 0
-        self.done = asyncio.Event()
-        self.measure_latency = False
-        self.latencies: list[int] = []
-
-    def reset(self, expected: int, latency: bool) -> None:
-        self.delivered = 0
-        self.expected = expected
-        self.done = asyncio.Event()
-        self.measure_latency = latency
-        self.latencies = []
+        try:
+            await asyncio.wait_for(wait(), timeout)
+        except TimeoutError:
+            raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}") from None
 
 
 async def start_process(args: list[str], ready: re.Pattern[bytes]) -> tuple[Any, str]:
@@ -150,35 +111,24 @@ async def stop_process(proc: Any) -> None:
             await proc.wait()
 
 
-async def publish_window(pub: Publisher, n: int, window: int, latency: bool) -> None:
-    assert pub.transport is not None
-    base = pub.acks
-    for i in range(n):
-        while i - (pub.acks - base) >= window:
-            pub.ack_event.clear()
-            await pub.ack_event.wait()
-        message: dict[str, Any] = {"i": i}
-        if latency:
-            message["t"] = time.perf_counter_ns()
-        pub.transport.send(
-            WSMsgType.TEXT,
-            orjson.dumps({"type": "publish", "topic": "bench.load", "message": message}),
-        )
+async def publish_window(
+    pub: Publisher, progress: Progress, first: int, n: int, window: int
+) -> None:
+    """Publish ``first .. first+n-1`` as fast as acks allow (at most ``window`` unacked)."""
+    for seq in range(first, first + n):
+        if pub.sent - pub.acked >= window:
+            await progress.until(lambda: pub.sent - pub.acked < window, 60, "acks")
+        pub.publish(seq)
 
 
-async def publish_paced(pub: Publisher, n: int, rate: float) -> None:
-    assert pub.transport is not None
+async def publish_paced(pub: Publisher, first: int, n: int, rate: float) -> None:
     loop = asyncio.get_running_loop()
     start = loop.time()
     for i in range(n):
         delay = start + i / rate - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
-        message = {"i": i, "t": time.perf_counter_ns()}
-        pub.transport.send(
-            WSMsgType.TEXT,
-            orjson.dumps({"type": "publish", "topic": "bench.load", "message": message}),
-        )
+        pub.publish(first + i)
 
 
 async def wait_subscribed(url: str, key: str, timeout: float = 20) -> None:
@@ -214,7 +164,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if redis_exe is None:
         raise SystemExit("redis-server is not installed (scripts/install-system-deps.sh)")
     procs: list[Any] = []
-    transports: list[WSTransport] = []
+    listeners: list[Subscriber | Publisher] = []
     try:
         rport = free_port()
         redis_proc, _ = await start_process(
@@ -232,36 +182,46 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             procs.append(proc)
             urls.append(url)
 
-        bench = Bench()
+        # One sequence across the phases (subscribers check order); the ring covers it all.
+        total = WARM_UP + args.messages + args.latency_messages
+        tracker = Tracker(total + 1)
+        progress = Progress()
+        tracker.wake = progress.wake
         subscribers: list[Subscriber] = []
         for i in range(args.subscribers):
-            transport, listener = await ws_connect(lambda: Subscriber(bench), urls[i % 3])
-            transports.append(transport)
-            subscribers.append(listener)
-            transport.send(WSMsgType.TEXT, b'{"type":"subscribe","topic":"bench"}')
-        await asyncio.wait_for(asyncio.gather(*(s.acked for s in subscribers)), 30)
+            sub: Subscriber = await connect(lambda: Subscriber(tracker), urls[i % 3], WAIT)
+            listeners.append(sub)
+            subscribers.append(sub)
+        await asyncio.gather(*(s.subscribe("bench", WAIT) for s in subscribers))
+        tracker.live = len(subscribers)
         for url in urls:
             await wait_subscribed(url, "bench")
-        ptransport, pub = await ws_connect(Publisher, urls[0])
-        transports.append(ptransport)
+        pub: Publisher = await connect(lambda: Publisher(TOPIC, args.payload), urls[0], WAIT)
+        listeners.append(pub)
+        pub.wake = progress.wake
+
+        def delivered_to_all(upto: int) -> Callable[[], bool]:
+            return lambda: tracker.completed >= upto or tracker.live == 0
 
         # Warm-up (connections, caches), not measured.
-        bench.reset(args.subscribers * 100, latency=False)
-        await publish_window(pub, 100, args.window, latency=False)
-        await asyncio.wait_for(bench.done.wait(), 60)
+        await publish_window(pub, progress, 0, WARM_UP, args.window)
+        await progress.until(delivered_to_all(WARM_UP), 60, "the warm-up")
 
-        bench.reset(args.subscribers * args.messages, latency=False)
+        first = WARM_UP
         t0 = time.perf_counter()
-        await publish_window(pub, args.messages, args.window, latency=False)
+        await publish_window(pub, progress, first, args.messages, args.window)
         t_sent = time.perf_counter()
-        await asyncio.wait_for(bench.done.wait(), 300)
+        await progress.until(delivered_to_all(first + args.messages), 300, "the deliveries")
         elapsed = time.perf_counter() - t0
 
-        bench.reset(args.subscribers * args.latency_messages, latency=True)
-        await publish_paced(pub, args.latency_messages, args.rate)
-        await asyncio.wait_for(bench.done.wait(), 120)
-        lat = bench.latencies
-        per_server = [sum(s.count for s in subscribers[i::3]) for i in range(3)]
+        first += args.messages
+        tracker.latency_from = first
+        await publish_paced(pub, first, args.latency_messages, args.rate)
+        await progress.until(delivered_to_all(total), 120, "the latency phase")
+        lat = tracker.latencies
+        if tracker.live < len(subscribers):
+            raise RuntimeError(f"{len(subscribers) - tracker.live} subscribers were closed")
+        per_server = [sum(s.expected - s.gaps for s in subscribers[i::3]) for i in range(3)]
 
         return {
             "scenario": "redis_fanout",
@@ -285,6 +245,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "mean_ms": round(statistics.fmean(lat) / 1e6, 3),
             },
             "deliveries_per_server_total": per_server,
+            "gaps": sum(s.gaps for s in subscribers),
+            "out_of_order": sum(s.out_of_order for s in subscribers),
+            "publish_errors": pub.errors,
             "machine": {
                 "nproc": os.cpu_count(),
                 "python": platform.python_version(),
@@ -292,9 +255,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             },
         }
     finally:
-        for transport in transports:
-            with contextlib.suppress(Exception):
-                transport.disconnect()
+        await close(listeners)
         for proc in reversed(procs):
             await stop_process(proc)
 
@@ -306,15 +267,10 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=200, help="unacked publishes in flight")
     parser.add_argument("--latency-messages", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=500.0, help="publishes/s, latency phase")
+    parser.add_argument("--payload", type=int, default=40, help="approx. message bytes")
     parser.add_argument("--json-only", action="store_true")
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        runner: Any = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    result = runner(run(args))
+    result = run_loop(run(args))
     if not args.json_only:
         t, lat = result["throughput"], result["latency"]
         rows = [

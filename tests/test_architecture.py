@@ -4,6 +4,8 @@ no module uses another's private members."""
 from __future__ import annotations
 
 import ast
+import builtins
+import re
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,8 @@ PURE = {
     "dwsps.permissions",
     "dwsps.limits",
     "dwsps.auth",
+    "dwsps.history",
+    "dwsps.links.gaps",
 }
 """Modules that do no I/O: they may import neither asyncio nor a WebSocket library."""
 IO_LIBRARIES = ("asyncio", "picows", "websockets", "redis", "socket", "ssl", "uvloop")
@@ -101,6 +105,70 @@ def test_pure_modules_do_no_io(module: str) -> None:
     assert not bad, f"{module} is pure but imports {bad}"
     impure = sorted(m for m in GRAPH[module] if m not in PURE and m != "dwsps")
     assert not impure, f"{module} is pure but imports the I/O modules {impure}"
+
+
+def _documented_pure() -> set[str]:
+    """The modules docs/architecture.md calls pure: its "Pure (no I/O)" list, and any
+    other entry that says "(pure)" or "the pure" (e.g. ``history.py``, ``links/gaps.py``)."""
+    doc = (SRC.parents[1] / "docs" / "architecture.md").read_text()
+    modules = doc.split("\n## Modules", 1)[1].split("\n## ", 1)[0]
+    pure_list = modules.split("Pure (no I/O):", 1)[1].split("The asyncio layer:", 1)[0]
+    found = set(re.findall(r"^- \*\*`([\w/]+)\.py`\*\*", pure_list, re.M))
+    # One bullet per module (the indented ones are the files of links/); an entry may
+    # name several modules (**`auth.py`**, **`permissions.py`**, ...).
+    for entry in re.split(r"\n(?=\s*- )", modules):
+        if not re.search(r"\(pure\)|the pure\b", entry):
+            continue
+        links = "links/" if entry.startswith(" ") else ""
+        found.update(links + p for p in re.findall(r"`([\w/]+)\.py`", entry.split(" — ")[0]))
+    return {"dwsps." + name.replace("/", ".") for name in found}
+
+
+def test_every_module_documented_as_pure_is_checked() -> None:
+    documented = _documented_pure()
+    unknown = documented - set(MODULES)
+    assert not unknown, f"docs/architecture.md names modules that do not exist: {unknown}"
+    assert documented <= PURE, f"documented as pure but not in PURE: {documented - PURE}"
+    assert not PURE - documented, f"in PURE but not documented as pure: {PURE - documented}"
+
+
+def _exception_classes() -> dict[str, list[str]]:
+    """Module -> the exception classes it defines, found by their bases (transitively:
+    builtin exceptions, then any class derived from one found so far)."""
+    known = {
+        n for n, v in vars(builtins).items() if isinstance(v, type) and issubclass(v, BaseException)
+    }
+    found: dict[str, list[str]] = {}
+    grew = True
+    while grew:
+        grew = False
+        for name, tree in MODULES.items():
+            for node in ast.walk(tree):
+                if not isinstance(node, ast.ClassDef) or node.name in found.get(name, []):
+                    continue
+                bases = {
+                    b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases
+                }
+                if bases & known:
+                    known.add(node.name)
+                    found.setdefault(name, []).append(node.name)
+                    grew = True
+    return found
+
+
+def test_public_exceptions_are_defined_in_errors() -> None:
+    # Private ones (``_Lost`` in client.py, ``_SessionLost`` in links/redis.py) are
+    # control flow inside one module and never reach a caller: they may stay there.
+    found = _exception_classes()
+    assert {"DwspsError", "ConnectionLost"} <= set(found["dwsps.errors"]), "the search works"
+    outside = sorted(
+        f"{module}.{cls}"
+        for module, classes in found.items()
+        if module != "dwsps.errors"
+        for cls in classes
+        if not cls.startswith("_")
+    )
+    assert not outside, f"public exceptions outside errors.py: {outside}"
 
 
 def test_nothing_below_the_server_imports_it() -> None:

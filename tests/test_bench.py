@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 
 from dwsps.cli import main
-from tests.conftest import ServerFactory
+from tests.conftest import PortFactory, ServerFactory
 
 TINY = ("--warmup", "0.1", "--duration", "0.4", "--drain", "3", "--quiet")
 
@@ -126,8 +125,8 @@ async def test_reports_loss_when_subscribers_are_cut(
     assert "LOSS" in table
 
 
-async def test_unreachable_server_is_one_line_and_exit_1(unused_port: int) -> None:
-    url = f"ws://127.0.0.1:{unused_port}"
+async def test_unreachable_server_is_one_line_and_exit_1(reserve_port: PortFactory) -> None:
+    url = reserve_port().url  # held, never listening: connections are refused
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "dwsps", "bench", "--url", url, "--quiet",
         stdout=asyncio.subprocess.PIPE,
@@ -164,12 +163,3 @@ def test_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
         "(default: 100; connections: 1000)",
     ):
         assert entry in text
-
-
-@pytest.fixture
-def unused_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port

@@ -57,8 +57,9 @@ def publish_frame(topic: str, message: object, req_id: object) -> bytes:
 
 
 async def test_pongs_to_a_client_that_does_not_read_count_toward_the_bound(
-    make_server: ServerFactory, open_client: ClientFactory
+    make_server: ServerFactory, open_client: ClientFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     srv = await make_server(max_outbound_buffer=64 * 1024)
     c = await open_client(srv.url, rcvbuf=4096)
     c.pause_reading()
@@ -73,6 +74,9 @@ async def test_pongs_to_a_client_that_does_not_read_count_toward_the_bound(
     c.resume_reading()
     assert await c.wait_closed(within=scaled(20)) == 1013
     assert 0 < len(c.pongs) < sent
+    # Counted, and logged at debug only: many such connections must not flood the log.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert any("slow consumer" in r.getMessage() for r in caplog.records)
 
 
 # -- 2: the bound holds at enqueue time; one publish's amplification is bounded ------------
@@ -86,8 +90,9 @@ OVERLAPPING = [
 
 
 async def test_a_publish_matching_too_many_subscriptions_of_one_client_closes_it_1008(
-    make_server: ServerFactory, open_client: ClientFactory
+    make_server: ServerFactory, open_client: ClientFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     srv = await make_server(max_deliveries_per_publish=10)
     greedy = await open_client(srv.url)
     for topic in OVERLAPPING[:11]:
@@ -103,6 +108,9 @@ async def test_a_publish_matching_too_many_subscriptions_of_one_client_closes_it
     got = await modest.take(10)
     assert sorted(d["context"] for d in got) == sorted(OVERLAPPING[:10])
     assert srv.stats.amplification_closes == 1
+    # Counted, and logged at debug only: many such connections must not flood the log.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert any("subscriptions match" in r.getMessage() for r in caplog.records)
     await p.publish(DEEP, "again")
     assert len(await modest.take(10)) == 10
 

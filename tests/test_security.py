@@ -753,6 +753,19 @@ async def test_peers_present_tokens_to_a_server_that_requires_them(
     assert reader.messages() == ["via a"]
 
 
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
+async def test_the_peer_token_scheme_is_case_insensitive(
+    make_server: ServerFactory, open_client: ClientFactory, scheme: str
+) -> None:
+    # RFC 7235: the auth scheme is case-insensitive, as it is for client tokens.
+    srv = await make_server(accept_peer_tokens=["peer-s3cret"])
+    forged = {"type": "publish", "topic": "t", "message": "m", "fromPeerServer": True}
+    peer = await open_client(srv.url, headers={"Authorization": f"{scheme} peer-s3cret"})
+    assert (await peer.request(forged))["type"] == "ack"
+    other = await open_client(srv.url, headers={"Authorization": "Basic peer-s3cret"})
+    assert (await other.request(forged))["error"] == "forbidden"
+
+
 # -- expiry and refresh ------------------------------------------------------------
 
 

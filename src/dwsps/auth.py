@@ -304,6 +304,15 @@ def _case_insensitive(headers: Mapping[str, str]) -> CIMultiDictProxy[str]:
     return CIMultiDictProxy(CIMultiDict(headers))
 
 
+def bearer_token(authorization: str) -> str:
+    """The token of an ``Authorization: Bearer <token>`` value, or "" for another scheme.
+
+    The scheme is case-insensitive (RFC 7235 section 2.1): ``bearer`` and ``BEARER`` too.
+    """
+    scheme, _, value = authorization.strip().partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
 def token_from_request(headers: Mapping[str, str], query: str) -> str | None:
     """The token an upgrade request presents, or None.
 
@@ -312,12 +321,7 @@ def token_from_request(headers: Mapping[str, str], query: str) -> str | None:
     percent-decoded. An empty token counts as none; one longer than
     :data:`MAX_TOKEN_LENGTH` raises :class:`AuthError` ``"token too long"``.
     """
-    authorization = _case_insensitive(headers).get("Authorization")
-    token = ""
-    if authorization:
-        scheme, _, value = authorization.strip().partition(" ")
-        if scheme.lower() == "bearer":
-            token = value.strip()
+    token = bearer_token(_case_insensitive(headers).get("Authorization") or "")
     if not token and "token=" in query:
         for name, value in parse_qsl(query, keep_blank_values=True):
             if name == "token":

@@ -540,7 +540,9 @@ class Connection(WSListener):
 
     def _slow_consumer(self) -> None:
         self.host.slow_consumer(self)
-        log.warning("closing slow consumer %s", self.client_id)
+        # Debug only (counted in dwsps_slow_consumers): one line per connection would
+        # let an attacker opening many connections flood the log.
+        log.debug("closing slow consumer %s", self.client_id)
         self.fail(CloseCode.TRY_AGAIN_LATER, "slow consumer: outbound buffer over the limit")
 
     def _write_out(self) -> None:

@@ -19,10 +19,14 @@ are exceptions. Every code and close code the project uses is listed here::
     │   └── HistoryConfigError a history pattern or bound is invalid
     ├── HistoryError           a recover/history request names no single stream (server side)
     ├── PermissionsError       a permission list (a token's dwsps claim) is malformed (ValueError)
-    └── EnvelopeError          a backplane message is not a dwsps envelope (also a ValueError)
+    ├── EnvelopeError          a backplane message is not a dwsps envelope (also a ValueError)
+    ├── TokenSourceError       a token or key named on the command line is unusable (ValueError)
+    └── LineTooLong            a line of ``dwsps pub --lines`` input is over the limit (skipped)
 
 The ``ValueError`` / ``TimeoutError`` / ``ConnectionError`` bases let callers that
-do not know dwsps catch what they would expect.
+do not know dwsps catch what they would expect. Private exceptions used as control
+flow inside one module (``client._Lost``, ``links.redis._SessionLost``) never leave
+it and are not part of the tree.
 """
 
 from __future__ import annotations
@@ -232,3 +236,12 @@ class HistoryError(DwspsError):
 
 class HistoryConfigError(ConfigError):
     """A history pattern, size, age or byte cap in the configuration is invalid."""
+
+
+class TokenSourceError(DwspsError, ValueError):
+    """A token or key source named on the command line cannot be used (``dwsps.tokens``)."""
+
+
+class LineTooLong(DwspsError):
+    """A line of standard input longer than the limit; it was skipped up to its newline
+    (``dwsps.stdin``)."""

@@ -852,9 +852,7 @@ class Hub:
             return matches
         for conn in over:
             self.stats.amplification_closes += 1
-            log.warning(
-                "closing %s: %d subscriptions match %r", conn.client_id, counts[conn], topic
-            )
+            log.debug("closing %s: %d subscriptions match %r", conn.client_id, counts[conn], topic)
             conn.fail(
                 CloseCode.POLICY_VIOLATION,
                 f"{counts[conn]} subscriptions match one publish (at most {limit})",

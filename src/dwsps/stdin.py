@@ -17,12 +17,11 @@ import sys
 from types import TracebackType
 from typing import BinaryIO, Final
 
+# Re-exported: callers catch dwsps.stdin.LineTooLong.
+from dwsps.errors import LineTooLong as LineTooLong
+
 LINE_LIMIT: Final = 16 * 1024 * 1024
 """Longest line kept, in bytes (the dwsps client's own message size limit)."""
-
-
-class LineTooLong(Exception):
-    """A line longer than the limit; it was skipped up to its newline."""
 
 
 class StdinLines:

@@ -17,7 +17,7 @@ import orjson
 import pytest_asyncio
 
 from tests.procs import ServerProcess
-from tests.robustness.harness import Canary, Memory, Tally
+from tests.robustness.harness import MEMORY_BUDGET, Canary, Memory, Tally
 
 HANDSHAKE_TIMEOUT = 2.0
 """The target's --handshake-timeout: how long a slowloris client may hold a socket."""
@@ -43,7 +43,12 @@ class Target:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def target() -> AsyncIterator[Target]:
     """One server for every attack of the module; stopped (and reported) at the end."""
-    proc = ServerProcess("--handshake-timeout", str(HANDSHAKE_TIMEOUT))
+    proc = ServerProcess(
+        "--handshake-timeout",
+        str(HANDSHAKE_TIMEOUT),
+        "--memory-budget",
+        str(MEMORY_BUDGET),
+    )
     try:
         await proc.start()
         canary = Canary(proc.url)

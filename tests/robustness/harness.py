@@ -2,6 +2,8 @@
 
 * :data:`SCALE` (``DWSPS_FUZZ_SCALE``, default 1) multiplies every attack's size;
   ``make fuzz`` runs the long version (scale 50: more than 100k malformed frames).
+  The target runs with a server-wide memory budget (:data:`MEMORY_BUDGET`) that
+  the memory attacks reach, so its refusals are part of what is tested.
 * :class:`Canary` is a well-behaved subscriber and publisher in a process of its own
   (canary.py, so the attackers' work in the test's process does not count against
   the server): it publishes a timestamped message every 10 ms, and the suite takes,
@@ -35,11 +37,18 @@ SCALE = max(1, int(os.environ.get("DWSPS_FUZZ_SCALE", "1")))
 LONG = SCALE > 1
 
 CANARY_GAP = 0.25 if LONG else scaled(2.0)
-"""Largest gap between two canary deliveries an attack may cause: 250 ms in the long
-version (the issue's bar on the 2-core machine), generous in the short one that runs
-alongside everyone else's suites."""
+"""Largest gap between two canary deliveries, and largest publish-to-delivery latency,
+an attack may cause: 250 ms in the long version (the issue's bar on the 2-core
+machine), generous in the short one that runs alongside everyone else's suites."""
 
 CANARY_TOPIC = "canary"
+
+MIB = 1024 * 1024
+
+MEMORY_BUDGET = max(4 * MIB, min(48 * MIB, SCALE * MIB))
+"""The target's --memory-budget (buffered output and partial messages, server-wide): low
+enough that the memory attacks reach it at every scale (6 unfinished ~1 MiB messages in
+the short version, 100 in the long one), and under the RSS bound an attack may add."""
 
 _REPO = str(Path(__file__).resolve().parents[2])
 """Where ``python -m tests.robustness.canary`` finds the tests package."""

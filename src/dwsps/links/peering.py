@@ -51,6 +51,7 @@ from urllib.parse import parse_qsl
 import orjson
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
+from dwsps.auth import bearer_token
 from dwsps.backoff import Backoff
 from dwsps.config import ServerConfig
 from dwsps.errors import ErrorCode
@@ -201,8 +202,9 @@ class PeerOutbox:
 class PeerAuth:
     """Inbound: whether a connecting client is an authenticated peer.
 
-    A peer presents its token as ``Authorization: Bearer <token>`` or as the
-    query parameter ``peer_token``; tokens are compared in constant time.
+    A peer presents its token as ``Authorization: Bearer <token>`` (scheme
+    case-insensitive, as for client tokens) or as the query parameter
+    ``peer_token``; tokens are compared in constant time.
     """
 
     __slots__ = ("_tokens",)
@@ -219,7 +221,7 @@ class PeerAuth:
         """Whether the ``Authorization`` header or the query string carries a known token."""
         if not self._tokens:
             return False
-        presented = authorization[7:] if authorization.startswith("Bearer ") else ""
+        presented = bearer_token(authorization)
         if not presented:
             for key, value in parse_qsl(query, keep_blank_values=True):
                 if key == "peer_token":
