@@ -10,10 +10,15 @@ wall-clock rate is bound by it; the server CPU per message is the figure to comp
 
     .venv/bin/python bench/history_replay.py             # N = 100000
     .venv/bin/python bench/history_replay.py 20000
+    .venv/bin/python bench/history_replay.py --backplane redis://127.0.0.1:6379/0
+
+With ``--backplane``, the stream lives in that Redis (start one yourself; its CPU is not
+counted): the recovery reads it in pages of 1000.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import socket
@@ -34,13 +39,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-async def measure(n: int) -> None:
+async def measure(n: int, backplane: str | None = None) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     dwsps = ROOT / ".venv" / "bin" / "dwsps"
     args = ["serve", "--port", str(port), "--history", f"chat.*:{n}"]
     args += ["--history-max-bytes", "1GiB", "--heartbeat-interval", "0"]
+    if backplane:
+        args += ["--backplane", backplane]
     proc = await asyncio.create_subprocess_exec(
         "taskset", "-c", "0", str(dwsps), *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
@@ -79,4 +86,8 @@ async def measure(n: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(measure(int(sys.argv[1]) if len(sys.argv) > 1 else 100_000))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("n", type=int, nargs="?", default=100_000)
+    parser.add_argument("--backplane", help="e.g. redis://127.0.0.1:6379/0")
+    options = parser.parse_args()
+    asyncio.run(measure(options.n, options.backplane))

@@ -18,6 +18,7 @@ Everything it starts is stopped on exit.
 
     .venv/bin/python bench/redis_fanout.py                 # defaults: 300 subs, 5000 msgs
     .venv/bin/python bench/redis_fanout.py --subscribers 900 --messages 2000
+    .venv/bin/python bench/redis_fanout.py --history 'bench:100000'   # a history topic
 """
 
 from __future__ import annotations
@@ -174,9 +175,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         procs.append(redis_proc)
         redis_url = f"redis://127.0.0.1:{rport}/0"
         urls = []
+        history = ("--history", args.history) if args.history else ()
         for _ in range(3):
             proc, url = await start_process(
-                [*SERVE, "--backplane", redis_url, "--log-level", "warning"],
+                [*SERVE, "--backplane", redis_url, "--log-level", "warning", *history],
                 LISTENING,
             )
             procs.append(proc)
@@ -225,6 +227,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         return {
             "scenario": "redis_fanout",
+            "history": args.history,
             "servers": 3,
             "subscribers": args.subscribers,
             "messages": args.messages,
@@ -268,6 +271,9 @@ def main() -> int:
     parser.add_argument("--latency-messages", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=500.0, help="publishes/s, latency phase")
     parser.add_argument("--payload", type=int, default=40, help="approx. message bytes")
+    parser.add_argument(
+        "--history", help="a history pattern for every server, e.g. 'bench:100000' (off by default)"
+    )
     parser.add_argument("--json-only", action="store_true")
     args = parser.parse_args()
     result = run_loop(run(args))

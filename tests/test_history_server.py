@@ -15,7 +15,9 @@ import orjson
 import pytest
 
 from dwsps import Server
+from dwsps.auth import Identity, UpgradeRequest
 from dwsps.client import Client
+from dwsps.permissions import Permissions
 from tests.conftest import ClientFactory, PortFactory, ProcessFactory, ServerFactory
 from tests.support import eventually, scaled
 from tests.test_cli_ops import dwsps, line_of
@@ -150,6 +152,7 @@ async def test_recover_replays_exactly_what_was_missed_then_goes_live(
     assert "recovered" not in live
     await again.sync()
     assert not again.take_all(is_delivery())
+    assert reply["replay"] == 1001
     assert srv.stats.recoveries_ok == 1
     assert srv.stats.replayed == 1001
 
@@ -169,6 +172,149 @@ async def test_recover_of_a_subtopic_replays_only_what_it_matches(
     assert reply["offset"] == 4
     got = await sub.take(2)
     assert [(d["offset"], d["message"]) for d in got] == [(2, "t1"), (4, "t2")]
+
+
+def metric_values(body: bytes) -> dict[str, float]:
+    return {
+        name: float(value)
+        for name, value in (
+            line.rsplit(" ", 1) for line in body.decode().splitlines() if line.startswith("dwsps_")
+        )
+    }
+
+
+async def as_alice(request: UpgradeRequest) -> Identity:
+    return Identity("alice", Permissions.EVERYTHING)
+
+
+async def test_recovery_counters_and_event_after_known_traffic(
+    make_server: ServerFactory, open_client: ClientFactory
+) -> None:
+    """One recovery of each outcome: every counter, the event, /metrics and /health."""
+    srv = await history_server(
+        make_server,
+        history=["chat.*:5000", "big.*:8000"],
+        max_outbound_buffer=64 * 1024,
+        authenticate=as_alice,
+    )
+    events: list[tuple[Any, ...]] = []
+    srv.on("recovery", lambda *args: events.append(args))
+    pub = await open_client(srv.url)
+    epoch = (await pub.publish("chat.a", 1))["epoch"]
+    for i in (2, 3):
+        await pub.publish("chat.a", i)
+    sub = await open_client(srv.url)
+    ok = await recover(sub, "chat.a", epoch, 0)
+    assert (ok["recovered"], ok["replay"]) == (True, 3)
+    assert [d["message"] for d in await sub.take(3)] == [1, 2, 3]
+    lost = await recover(sub, "chat.b", "not-the-epoch", 0)
+    assert lost["recovered"] is False
+    assert "replay" not in lost
+    (sub_id,) = [cid for cid, c in srv.connections.items() if srv.hub.router.subscriptions(c)]
+    # A paged replay to a client that reads nothing, then goes: cut off.
+    for _ in range(8000):  # 8 MB: more than the kernel buffers take at once
+        await pub.send_json({"type": "publish", "topic": "big.s", "message": "z" * 1000})
+    await pub.sync()
+    before = set(srv.connections)
+    stalled = await RawClient.connect(srv.url, rcvbuf=4096)
+    try:
+        stalled.pause_reading()
+        await stalled.send_json(
+            {"type": "subscribe", "topic": "big.s", "recover": {"epoch": epoch, "offset": 0}}
+        )
+        await eventually(lambda: srv.stats.recoveries_attempted == 3, "the paged recovery")
+        (stalled_id,) = set(srv.connections) - before
+    finally:
+        await stalled.dispose()
+    await eventually(lambda: srv.stats.recoveries_cut_off == 1, "the replay to be cut off")
+    cut = events[2]
+    assert events[:2] == [
+        ("chat.a", sub_id, "alice", True, 3),
+        ("chat.b", sub_id, "alice", False, 0),
+    ]
+    assert cut[:4] == ("big.s", stalled_id, "alice", False)
+    assert 0 < cut[4] < 8000
+    stats = srv.stats
+    assert (
+        stats.recoveries_attempted,
+        stats.recoveries_ok,
+        stats.recoveries_failed,
+        stats.recoveries_cut_off,
+        stats.replayed,
+    ) == (3, 1, 1, 1, 3 + cut[4])
+    _, body = await http_get(srv.url, "/metrics")
+    metrics = metric_values(body)
+    assert metrics["dwsps_history_recoveries_attempted_total"] == 3
+    assert metrics["dwsps_history_recoveries_ok_total"] == 1
+    assert metrics["dwsps_history_recoveries_failed_total"] == 1
+    assert metrics["dwsps_history_recoveries_cut_off_total"] == 1
+    assert metrics["dwsps_history_replayed_total"] == 3 + cut[4]
+    _, health = await http_get(srv.url, "/health")
+    doc = orjson.loads(health)["stats"]
+    assert [doc[k] for k in ("recoveries_attempted", "recoveries_ok", "recoveries_failed")] == [
+        3,
+        1,
+        1,
+    ]
+    assert (doc["recoveries_cut_off"], doc["replayed"]) == (1, 3 + cut[4])
+
+
+async def narrow_subscription_keeps_up(
+    srv: Server, open_client: ClientFactory, gate: asyncio.Event
+) -> None:
+    """``chat.r.typing`` in the stream ``chat.r`` of a 200-message history: sibling
+    traffic while it is away would trim its last delivery's offset; it recovers all
+    the same, because after each recovery its position is the ack's offset.
+
+    ``srv`` keeps ``chat.*:200`` and admits upgrades only while ``gate`` is set.
+    """
+    pub = await open_client(srv.url)
+    got: list[Any] = []
+    recoveries: list[bool] = []
+
+    async def away(*topics: str) -> None:
+        gate.clear()  # the client reconnects only once all of it is published
+        (conn,) = [c for c in srv.connections.values() if srv.hub.router.subscriptions(c)]
+        conn.abort()
+        for topic in topics:
+            message = "t" if topic.endswith("typing") else "x" * 2000
+            await pub.send_json({"type": "publish", "topic": topic, "message": message})
+        await pub.sync()
+        gate.set()
+
+    async with Client(srv.url, backoff_initial=0.05, backoff_max=0.2, queue_size=0) as client:
+        client.on("recovery", lambda topic, ok, reply: recoveries.append(ok))
+        await client.subscribe("chat.r.typing", lambda d: got.append(d["offset"]))
+        sub = client.subscription("chat.r.typing")
+        assert sub is not None
+        await pub.publish("chat.r.typing", "t")
+        await eventually(lambda: got == [1], "the first delivery")
+        siblings = ["chat.r.msgs"] * 75
+        await away(*siblings, "chat.r.typing", *siblings)  # offsets 2..152, typing at 77
+        await eventually(lambda: got == [1, 77], "the replayed delivery", WAIT)
+        assert recoveries == [True]
+        assert sub.offset == 152  # the ack's offset: its replay is in
+        await away(*["chat.r.msgs"] * 150)  # 153..302: offset 78 is gone, 153 is kept
+        await eventually(lambda: len(recoveries) == 2, "the second recovery", WAIT)
+        assert recoveries == [True, True]
+        assert sub.recovered is True
+        assert sub.offset == 302  # nothing replayed: the ack's offset at once
+        await pub.publish("chat.r.typing", "t")
+        await eventually(lambda: got == [1, 77, 303], "the live delivery")
+
+
+async def test_a_narrow_subscription_recovers_after_siblings_trimmed_its_position(
+    make_server: ServerFactory, open_client: ClientFactory
+) -> None:
+    gate = asyncio.Event()
+    gate.set()
+
+    async def gated(request: UpgradeRequest) -> Identity:
+        await gate.wait()
+        return Identity(None, Permissions.EVERYTHING)
+
+    srv = await history_server(make_server, history=["chat.*:200"], authenticate=gated)
+    await narrow_subscription_keeps_up(srv, open_client, gate)
 
 
 async def test_recover_while_a_publisher_streams_sees_every_offset_once(
@@ -227,6 +373,7 @@ async def test_a_big_recovery_is_paged_and_still_seamless(
     reply = await recover(sub, "big.s", ack["epoch"], 0)
     assert reply["recovered"] is True
     assert reply["offset"] == 20_000
+    assert reply["replay"] == 20_000
     # Publishes that arrive while the replay is paged come right after it, once each.
     for _ in range(100):
         await pub.send_json({"type": "publish", "topic": "big.s", "message": "during"})
@@ -239,6 +386,8 @@ async def test_a_big_recovery_is_paged_and_still_seamless(
     assert "recovered" not in after
     assert srv.stats.slow_consumers == 0
     assert srv.stats.replayed >= 20_000
+    # Counted once the last page is queued: before the live deliveries that follow it.
+    assert (srv.stats.recoveries_ok, srv.stats.recoveries_cut_off) == (1, 0)
 
 
 async def test_a_client_that_stops_reading_during_a_paged_replay_is_cut_off(
@@ -269,7 +418,9 @@ async def test_a_client_that_stops_reading_during_a_paged_replay_is_cut_off(
     # it finished while the reader was stalled and live deliveries then passed
     # the outbound bound (a slow consumer); which one depends on how the read
     # budget interleaves the publisher's frames with the replay's pages.
-    assert srv.stats.recoveries_failed + srv.stats.slow_consumers == 1
+    assert srv.stats.recoveries_cut_off + srv.stats.slow_consumers == 1
+    assert srv.stats.recoveries_failed == 0
+    assert srv.stats.recoveries_attempted == 1
     assert len(srv.connections) == 1
 
 
@@ -672,7 +823,7 @@ async def test_several_paged_replays_on_one_connection_take_turns(
             await sub.send_json(
                 {"type": "subscribe", "topic": name, "recover": {"epoch": epoch, "offset": 0}}
             )
-        await eventually(lambda: srv.stats.recoveries_ok == 5, "the five recoveries")
+        await eventually(lambda: srv.stats.recoveries_attempted == 5, "the five recoveries")
         sub.resume_reading()
         got = await sub.take(10_000, within=WAIT)
     finally:

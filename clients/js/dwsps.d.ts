@@ -24,7 +24,8 @@ export interface SubscriptionState {
   topic: string;
   stream: string | null;
   epoch: string | null;
-  /** The last position received: the next recovery replays what came after it. */
+  /** The last position received (after a recovery's replay, the ack's offset): the next
+   * recovery replays what came after it. */
   offset: number | null;
   /** After the last reconnect: true when everything missed was replayed, false when messages
    * were lost; null before any reconnect, or without history. */

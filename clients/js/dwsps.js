@@ -33,9 +33,11 @@
 // stream is acked with its `stream`, `epoch` and `offset`; the client remembers them and moves
 // them on with every delivery of that stream. On reconnect it resubscribes with
 // `recover: {epoch, offset}`, so the server replays what was published meanwhile before live
-// deliveries resume. `recovery(topic, recovered, reply)` is emitted from the ack, before any
-// replayed delivery; `recovered: false` means messages were lost (new epoch, or the history no
-// longer reaches back) and the position starts afresh from the ack's.
+// deliveries resume; once the replay is in (the ack's `replay` counts it), the position moves to
+// the ack's offset, so a subscription narrower than its stream does not fall behind it.
+// `recovery(topic, recovered, reply)` is emitted from the ack, before any replayed delivery;
+// `recovered: false` means messages were lost (new epoch, or the history no longer reaches back)
+// and the position starts afresh from the ack's.
 
 /** Close codes that reconnecting cannot cure: the client stops and emits `close`. */
 const FATAL_CLOSE_CODES = new Set([1002, 1003, 1007, 1008]);
@@ -87,6 +89,39 @@ function takePosition(entry, reply) {
   entry.stream = ok ? stream : null;
   entry.epoch = ok ? epoch : null;
   entry.offset = ok ? offset : null;
+  entry.seam = null;
+}
+
+/**
+ * After a `recovered: true` ack: move to its offset once its `replay` deliveries are in. A
+ * subscription narrower than its stream gets nothing for its siblings' offsets; without this its
+ * position would lag until the history no longer reached back to it. Nothing at or below the
+ * ack's offset comes after the replay (the seam), so the ack's offset is then the position.
+ */
+function expectReplay(entry, reply) {
+  const { replay, epoch, offset } = reply;
+  entry.seam = null;
+  if (Number.isInteger(replay) && Number.isInteger(offset) && epoch === entry.epoch) {
+    entry.seam = { left: replay, head: offset };
+    if (replay <= 0) passSeam(entry);
+  }
+}
+
+/** Take a delivery's position (`replayed`: it carries `recovered: true`). */
+function advance(entry, epoch, offset, replayed) {
+  let seam = entry.seam;
+  if (seam && (epoch !== entry.epoch || offset >= seam.head)) seam = entry.seam = null;
+  entry.epoch = epoch;
+  entry.offset = offset;
+  if (seam && replayed) {
+    seam.left -= 1;
+    if (seam.left <= 0) passSeam(entry);
+  }
+}
+
+function passSeam(entry) {
+  if (entry.offset !== null && entry.offset < entry.seam.head) entry.offset = entry.seam.head;
+  entry.seam = null;
 }
 
 /** A JWT's `exp` in milliseconds, read without verifying (the server verifies), or null. */
@@ -202,6 +237,7 @@ export class Client {
       epoch: null,
       offset: null,
       recovered: null,
+      seam: null,
     };
     this.#subscriptions.set(topic, entry);
     const done = this.#request({ type: "subscribe", topic }, (reply) => takePosition(entry, reply));
@@ -452,7 +488,8 @@ export class Client {
   /** Subscribe `entry` again, recovering from its position when it has one. */
   async #resubscribeOne(topic, entry) {
     const recovery = (ok, reply) => {
-      if (!ok) takePosition(entry, reply); // start afresh from the server's position
+      if (ok) expectReplay(entry, reply);
+      else takePosition(entry, reply); // start afresh from the server's position
       entry.recovered = ok;
       this.#emit("recovery", topic, ok, reply);
     };
@@ -490,8 +527,7 @@ export class Client {
       if (!entry) return;
       if (entry.stream !== null && msg.stream === entry.stream) {
         if (typeof msg.epoch === "string" && Number.isInteger(msg.offset)) {
-          entry.epoch = msg.epoch;
-          entry.offset = msg.offset;
+          advance(entry, msg.epoch, msg.offset, msg.recovered === true);
         }
       }
       if (entry.handler) this.#call(entry.handler, msg);

@@ -59,7 +59,9 @@ Recovery (history)
     stream is acked with the stream's ``epoch`` and ``offset``; the client
     remembers them and moves them on with every delivery. When it reconnects
     it resubscribes with ``recover``, so the server replays what was published
-    meanwhile before live deliveries resume. Whether that worked is on the
+    meanwhile before live deliveries resume; once the replay is in (the ack's
+    ``replay`` counts it), the position moves to the ack's offset, so a
+    subscription narrower than its stream does not fall behind it. Whether that worked is on the
     :class:`Subscription` (``recovered``) and in the ``recovery(topic,
     recovered, reply)`` event, emitted before any replayed delivery: ``False``
     means messages were lost (the server restarted, or its history no longer
@@ -75,7 +77,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, TypeVar, overload
 
@@ -179,14 +181,51 @@ class Subscription:
     recovered: bool | None = None
     """After the last reconnect: True when everything missed was replayed, False
     when messages were lost; None before any reconnect, or without history."""
+    seam: tuple[int, int] | None = field(default=None, repr=False)
+    """After ``recovered: true``: (replayed deliveries still to come at or below
+    the ack's offset, that offset)."""
 
     def take_position(self, reply: Message) -> None:
         """Take the ``stream``/``epoch``/``offset`` of an ack (none: not recoverable)."""
         stream, epoch, offset = reply.get("stream"), reply.get("epoch"), reply.get("offset")
+        self.seam = None
         if isinstance(stream, str) and isinstance(epoch, str) and type(offset) is int:
             self.stream, self.epoch, self.offset = stream, epoch, offset
         else:
             self.stream = self.epoch = self.offset = None
+
+    def expect_replay(self, reply: Message) -> None:
+        """After a ``recovered: true`` ack: move to its offset once its ``replay`` is in.
+
+        A subscription narrower than its stream gets no delivery for its siblings'
+        offsets; without this its position would lag until the stream's history
+        no longer reached back to it. Nothing at or below the ack's offset comes
+        after the replay (PROTOCOL.md's seam), so once the replay's deliveries up
+        to it are in, the position is the ack's.
+        """
+        count, epoch, offset = reply.get("replay"), reply.get("epoch"), reply.get("offset")
+        self.seam = None
+        if type(count) is int and type(offset) is int and epoch == self.epoch:
+            self.seam = (count, offset)
+            if count <= 0:
+                self._pass_seam()
+
+    def advance(self, epoch: str, offset: int, replayed: bool) -> None:
+        """Take the position of a delivery (``replayed``: it carries ``recovered: true``)."""
+        seam = self.seam
+        if seam is not None and (epoch != self.epoch or offset >= seam[1]):
+            seam = self.seam = None  # past the seam (or a new epoch): the delivery says it all
+        self.epoch, self.offset = epoch, offset
+        if seam is not None and replayed:
+            self.seam = (seam[0] - 1, seam[1])
+            if seam[0] <= 1:
+                self._pass_seam()
+
+    def _pass_seam(self) -> None:
+        assert self.seam is not None
+        if self.offset is not None and self.offset < self.seam[1]:
+            self.offset = self.seam[1]
+        self.seam = None
 
 
 class Client:
@@ -745,7 +784,7 @@ class Client:
             if sub.stream is not None and msg.get("stream") == sub.stream:
                 epoch, offset = msg.get("epoch"), msg.get("offset")
                 if isinstance(epoch, str) and type(offset) is int:
-                    sub.epoch, sub.offset = epoch, offset
+                    sub.advance(epoch, offset, msg.get("recovered") is True)
             if sub.handler is not None:
                 self._call(sub.handler, msg)
         queue = self._queue
@@ -928,7 +967,9 @@ class Client:
         def recovered(reply: Message) -> None:
             # In the reader, before the replayed deliveries that follow the ack.
             ok = reply.get("recovered") is True
-            if not ok:
+            if ok:
+                sub.expect_replay(reply)
+            else:
                 sub.take_position(reply)  # start afresh from the server's position
             sub.recovered = ok
             self.events.emit("recovery", sub.topic, ok, reply)

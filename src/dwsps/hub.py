@@ -98,10 +98,17 @@ class ServerStats:
     heartbeat_timeouts: int = 0
     invalid_closes: int = 0
     duplicates_dropped: int = 0
+    recoveries_attempted: int = 0
+    """Subscribes with ``recover`` answered (an ack, or ``overloaded`` when the
+    shared history was unavailable). Each one ends as exactly one of ok, failed
+    or cut off; the difference is the replays in progress."""
     recoveries_ok: int = 0
-    """Subscribes with ``recover`` answered ``recovered: true``."""
+    """Recoveries answered ``recovered: true`` whose whole replay was queued."""
     recoveries_failed: int = 0
-    """Subscribes with ``recover`` answered ``recovered: false`` (or cut off mid-replay)."""
+    """Recoveries answered ``recovered: false`` (or ``overloaded``): messages were lost."""
+    recoveries_cut_off: int = 0
+    """Recoveries answered ``recovered: true`` whose replay did not finish (the client
+    fell behind the history, was closed, or replaced the subscription)."""
     replayed: int = 0
     """Publications replayed to recovering subscribers."""
     history_requests: int = 0
@@ -463,12 +470,16 @@ class Hub:
         if recovery is not None:
             # The ack, then the replay, then (later turns) live deliveries: taken in
             # one synchronous step with the subscription, so no gap and no duplicate.
+            self.stats.recoveries_attempted += 1
             self._ack(conn, "subscribe", req.topic, req.id, _recovery_fields(recovery))
             self._send_replay(conn, req.topic, recovery.publications)
         else:
             self._ack(conn, "subscribe", req.topic, req.id, extra)
         if self.events.has("subscribe"):
             self.events.emit("subscribe", req.topic, conn.client_id)
+        if recovery is not None:
+            outcome = _OK if recovery.recovered else _FAILED
+            self._recovery_ended(conn, req.topic, outcome, len(recovery.publications))
 
     def _subscribe(self, conn: Connection, req: Subscribe) -> None:
         try:
@@ -496,14 +507,25 @@ class Hub:
             )
         epoch, offset = req.recover
         try:
-            recovery = history.recover(req.topic, epoch, offset, self._now())
+            return history.recover(req.topic, epoch, offset, self._now())
         except HistoryError as exc:
             raise ProtocolError(exc.code, exc.detail, "subscribe", req.id) from None
-        if recovery.recovered:
-            self.stats.recoveries_ok += 1
+
+    def _recovery_ended(self, conn: Connection, topic: str, outcome: str, replayed: int) -> None:
+        """Count how a recovery ended (one of ok, failed, cut off) and emit ``recovery``.
+
+        ``replayed``: the deliveries it replayed. The event's ``recovered`` is
+        True only for a whole replay: a cut-off client missed the rest.
+        """
+        stats = self.stats
+        if outcome == _OK:
+            stats.recoveries_ok += 1
+        elif outcome == _FAILED:
+            stats.recoveries_failed += 1
         else:
-            self.stats.recoveries_failed += 1
-        return recovery
+            stats.recoveries_cut_off += 1
+        if self.events.has("recovery"):
+            self.events.emit("recovery", topic, conn.client_id, conn.user, outcome == _OK, replayed)
 
     def _send_replay(
         self, conn: Connection, context: str, pubs: list[Publication], recovered: bool = True
@@ -547,6 +569,7 @@ class Hub:
         a client too slow for the history's bound is closed with 1013 (it then
         recovers again from what it got).
         """
+        self.stats.recoveries_attempted += 1
         self._ack(conn, "subscribe", req.topic, req.id, _recovery_fields(recovery))
         # Held already (a client recovering again)? Live deliveries would overtake
         # the replay: the subscription rejoins after the last page instead.
@@ -566,6 +589,7 @@ class Hub:
         assert history is not None
         pubs, done, offset = recovery.publications, 0, recovery.offset
         finished = False
+        replayed = 0
         try:
             while True:
                 # Checked before every page, so that several replays on one
@@ -576,6 +600,7 @@ class Hub:
                 budget = self._page_bytes
                 while done < len(pubs) and budget > 0:
                     budget -= self._send_replay(conn, req.topic, pubs[done : done + 256])
+                    replayed += len(pubs[done : done + 256])
                     done += 256
                 if done >= len(pubs):
                     more = history.recover(req.topic, recovery.epoch, offset, self._now())
@@ -585,6 +610,7 @@ class Hub:
                     pubs, done, offset = more.publications, 0, more.offset
                     if _estimate(pubs) <= self._page_bytes:
                         self._send_replay(conn, req.topic, pubs)
+                        replayed += len(pubs)
                         try:
                             self._subscribe(conn, req)
                         except ProtocolError as err:
@@ -598,9 +624,8 @@ class Hub:
             log.exception("internal error replaying history to %s", conn.client_id)
             conn.fail(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
-            if not finished:
-                # Cut off: behind the history, a slow consumer, a drop, or an error.
-                self.stats.recoveries_failed += 1
+            # Not finished: cut off (behind the history, a drop, replaced, or an error).
+            self._recovery_ended(conn, req.topic, _OK if finished else _CUT_OFF, replayed)
             replays = self._replays.get(conn)
             if replays is not None and replays.get(req.topic) is asyncio.current_task():
                 del replays[req.topic]
@@ -993,6 +1018,8 @@ class Hub:
         assert shared is not None
         stream, topic = hold.stream, req.topic
         done = False
+        outcome: str | None = None  # once a recover is answered
+        replayed = 0
         try:
             if req.recover is None:
                 epoch, head, _ = await shared.read(stream, 0, 0)
@@ -1009,11 +1036,13 @@ class Hub:
                 and 0 <= after <= head
                 and (after == head or (bool(pubs) and pubs[0].offset == after + 1))
             )
-            if ok:
-                self.stats.recoveries_ok += 1
-            else:
-                self.stats.recoveries_failed += 1
+            count = await self._count_replay(topic, after, epoch, head, pubs) if ok else None
+            ok = count is not None
             fields = {"recovered": ok, "stream": stream, "epoch": epoch, "offset": head}
+            if count is not None:
+                fields["replay"] = count
+            self.stats.recoveries_attempted += 1
+            outcome = _CUT_OFF if ok else _FAILED
             self._settle(conn, slot, self._ack_frame(req, fields))
             last = after if ok else head
             while ok:
@@ -1022,6 +1051,7 @@ class Hub:
                     if topic != stream:
                         pubs = [p for p in pubs if topic_matches(topic, p.topic)]
                     self._send_replay(conn, topic, pubs)
+                    replayed += len(pubs)
                 if not full:
                     break
                 await self._drained(conn)
@@ -1036,6 +1066,8 @@ class Hub:
                     conn.fail(CloseCode.TRY_AGAIN_LATER, "recovery fell behind the history")
                     return
             self._release(hold, epoch, last)
+            if ok:
+                outcome = _OK
             done = True
         except ConnectionError as exc:
             err = ProtocolError(
@@ -1058,11 +1090,44 @@ class Hub:
                         {"recovered": False} if req.recover is not None else None
                     )
                     self._settle(conn, slot, self._ack_frame(req, cut))
+            if req.recover is not None:
+                if outcome is None:  # answered overloaded, or recovered: false when replaced
+                    self.stats.recoveries_attempted += 1
+                    outcome = _FAILED
+                self._recovery_ended(conn, topic, outcome, replayed)
             replays = self._replays.get(conn)
             if replays is not None and replays.get(topic) is asyncio.current_task():
                 del replays[topic]
                 if not replays:
                     del self._replays[conn]
+
+    async def _count_replay(
+        self, topic: str, after: int, epoch: str, head: int, pubs: list[Publication]
+    ) -> int | None:
+        """The ack's ``replay``: deliveries the replay holds up to ``head``; None if trimmed.
+
+        A client moves its position to the ack's offset once it has them all (so
+        a narrow subscription keeps up with its stream); counting a subtopic's
+        share beyond the first page reads the rest once more.
+        """
+        shared = self._shared
+        assert shared is not None
+        if not pubs:
+            return 0
+        stream = pubs[0].stream
+        if topic == stream:
+            return head - after
+        count = sum(1 for p in pubs if p.offset <= head and topic_matches(topic, p.topic))
+        last, full = pubs[-1].offset, len(pubs) >= REPLAY_PAGE
+        while full and last < head:  # the pages the replay reads, as it reads them
+            again, _, more = await shared.read(stream, last, REPLAY_PAGE)
+            if again != epoch or (more and more[0].offset != last + 1):
+                return None  # trimmed meanwhile: recovering from ``after`` fails now
+            if not more:
+                break
+            count += sum(1 for p in more if p.offset <= head and topic_matches(topic, p.topic))
+            last, full = more[-1].offset, len(more) >= REPLAY_PAGE
+        return count
 
     def _ack_frame(self, req: Subscribe, fields: dict[str, Any] | None) -> bytes:
         return text_frame(encode_ack("subscribe", req.topic, self._clock.now(), req.id, fields))
@@ -1230,6 +1295,9 @@ class Hub:
         return healthy, body
 
 
+_OK, _FAILED, _CUT_OFF = "ok", "failed", "cut_off"
+"""How a recovery ended (:meth:`Hub._recovery_ended`)."""
+
 _DRAIN_POLL = 0.002
 """Seconds between checks of a connection's queue while a paged replay waits on it."""
 
@@ -1280,12 +1348,15 @@ def _estimate(pubs: list[Publication]) -> int:
 
 
 def _recovery_fields(recovery: Recovery) -> dict[str, Any]:
-    return {
+    fields: dict[str, Any] = {
         "recovered": recovery.recovered,
         "stream": recovery.stream,
         "epoch": recovery.epoch,
         "offset": recovery.offset,
     }
+    if recovery.recovered:
+        fields["replay"] = len(recovery.publications)
+    return fields
 
 
 def _expire(conn: Connection) -> None:

@@ -81,9 +81,13 @@ class Counters(Protocol):
     @property
     def duplicates_dropped(self) -> int: ...
     @property
+    def recoveries_attempted(self) -> int: ...
+    @property
     def recoveries_ok(self) -> int: ...
     @property
     def recoveries_failed(self) -> int: ...
+    @property
+    def recoveries_cut_off(self) -> int: ...
     @property
     def replayed(self) -> int: ...
     @property
@@ -171,15 +175,25 @@ _SERVER_COUNTERS: Final = (
         "connections closed with 1008 for more subscriptions matching one publish than allowed",
     ),
     (
+        "dwsps_history_recoveries_attempted",
+        "recoveries_attempted",
+        "subscribes with recover answered; each ends as one of ok, failed, cut_off",
+    ),
+    (
         "dwsps_history_recoveries_ok",
         "recoveries_ok",
-        "subscribes with recover answered recovered: true",
+        "recoveries answered recovered: true whose whole replay was sent",
     ),
     (
         "dwsps_history_recoveries_failed",
         "recoveries_failed",
-        "subscribes with recover answered recovered: false (history lost), or cut off"
-        " because the client fell behind the history during the replay",
+        "recoveries answered recovered: false (history lost), or overloaded (history unavailable)",
+    ),
+    (
+        "dwsps_history_recoveries_cut_off",
+        "recoveries_cut_off",
+        "recoveries answered recovered: true whose replay did not finish (the client fell"
+        " behind the history, closed, or replaced the subscription)",
     ),
     ("dwsps_history_replayed", "replayed", "publications replayed to recovering subscribers"),
     ("dwsps_history_requests", "history_requests", "history requests received"),

@@ -62,6 +62,7 @@ SERVER_EVENTS = (
     "publish",
     "connect",
     "disconnect",
+    "recovery",
     "peer_up",
     "peer_down",
     "backplane_up",
@@ -322,8 +323,9 @@ class Server:
     def on(self, event: str, handler: Callable[..., Any] | None = None) -> Any:
         """Listen for a server event: subscribe(topic, client_id),
         unsubscribe(topic, client_id), publish(topic, client_id), connect(client_id),
-        disconnect(client_id), peer_up(url), peer_down(url), backplane_up(),
-        backplane_down(reason). Usable as a decorator."""
+        disconnect(client_id), recovery(topic, client_id, user, recovered, replayed),
+        peer_up(url), peer_down(url), backplane_up(), backplane_down(reason).
+        Usable as a decorator."""
         return self.events.on(event, handler)
 
     def off(self, event: str, handler: Callable[..., Any]) -> None:

@@ -13,10 +13,14 @@ from typing import Any
 
 import pytest
 from tests.backplane.conftest import NO_HEARTBEAT, WAIT, RedisProcess, backplane_status
-from tests.conftest import ClientFactory, ProcessFactory
+from tests.conftest import ClientFactory, ProcessFactory, ServerFactory
 from tests.procs import ServerProcess
 from tests.support import eventually
-from tests.wsclient import RawClient, get_json, is_delivery, reply_to
+from tests.test_history_server import as_alice, metric_values, narrow_subscription_keeps_up
+from tests.wsclient import RawClient, get_json, http_get, is_delivery, reply_to
+
+from dwsps.auth import Identity, UpgradeRequest
+from dwsps.permissions import Permissions
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -341,3 +345,91 @@ async def test_a_subscriber_whose_redis_connection_drops_is_repaired_from_the_st
     status = await backplane_status(b.url)
     assert status["gaps"] == 0
     assert status["sessions"] >= 2
+
+
+async def test_recovery_counters_event_and_replay_count_through_redis(
+    redis_url: str, make_server: ServerFactory, open_client: ClientFactory
+) -> None:
+    """Shared history counts as the memory path does: ok, failed, cut off, replayed."""
+    srv = await make_server(
+        backplane=redis_url,
+        history=["chat.*:100000"],
+        heartbeat_interval=0,
+        authenticate=as_alice,
+    )
+    events: list[tuple[Any, ...]] = []
+    srv.on("recovery", lambda *args: events.append(args))
+    pub = await open_client(srv.url)
+    epoch = (await pub.publish("chat.a", 1))["epoch"]
+    await publish_stream(pub, "chat.a", 2, 2)
+    # A subtopic's share of 2500 entries: counted for the ack across the pages.
+    n_epoch = (await pub.publish("chat.n.typing", 0))["epoch"]  # each stream its own epoch
+    for i in range(1, 2500):
+        topic = "chat.n.typing" if i % 10 == 0 else "chat.n.msgs"
+        await pub.send_json({"type": "publish", "topic": topic, "message": i})
+    await pub.sync()
+    sub = await open_client(srv.url)
+    ok = await subscribe(sub, "chat.a", recover={"epoch": epoch, "offset": 0})
+    assert (ok["recovered"], ok["replay"], ok["offset"]) == (True, 3, 3)
+    assert [m["message"] for m in await sub.take(3, within=WAIT)] == [1, 2, 3]
+    narrow = await subscribe(sub, "chat.n.typing", recover={"epoch": n_epoch, "offset": 0})
+    assert (narrow["recovered"], narrow["replay"], narrow["offset"]) == (True, 250, 2500)
+    replayed = await sub.take(250, within=WAIT)
+    assert [m["message"] for m in replayed] == list(range(0, 2500, 10))
+    lost = await subscribe(sub, "chat.b", recover={"epoch": "not-the-epoch", "offset": 0})
+    assert lost["recovered"] is False
+    (sub_id,) = [cid for cid, c in srv.connections.items() if srv.hub.router.subscriptions(c)]
+    await eventually(lambda: srv.stats.recoveries_ok == 2, "both replays to finish")
+    # More than the kernel buffers take at once, paged by the engine reads: cut off.
+    big_epoch = (await pub.publish("chat.big", "z" * 1000))["epoch"]
+    for _ in range(5999):
+        await pub.send_json({"type": "publish", "topic": "chat.big", "message": "z" * 1000})
+    await pub.sync()
+    before = set(srv.connections)
+    stalled = await RawClient.connect(srv.url, rcvbuf=4096)
+    try:
+        stalled.pause_reading()
+        await stalled.send_json(
+            {"type": "subscribe", "topic": "chat.big", "recover": {"epoch": big_epoch, "offset": 0}}
+        )
+        await eventually(lambda: srv.stats.recoveries_attempted == 4, "the paged recovery", WAIT)
+        (stalled_id,) = set(srv.connections) - before
+    finally:
+        await stalled.dispose()
+    await eventually(lambda: srv.stats.recoveries_cut_off == 1, "the replay to be cut off", WAIT)
+    assert events[:3] == [
+        ("chat.a", sub_id, "alice", True, 3),
+        ("chat.n.typing", sub_id, "alice", True, 250),
+        ("chat.b", sub_id, "alice", False, 0),
+    ]
+    cut = events[3]
+    assert cut[:4] == ("chat.big", stalled_id, "alice", False)
+    assert 0 < cut[4] < 6000
+    stats = srv.stats
+    assert (
+        stats.recoveries_attempted,
+        stats.recoveries_ok,
+        stats.recoveries_failed,
+        stats.recoveries_cut_off,
+        stats.replayed,
+    ) == (4, 2, 1, 1, 253 + cut[4])
+    _, body = await http_get(srv.url, "/metrics")
+    metrics = metric_values(body)
+    assert metrics["dwsps_history_recoveries_attempted_total"] == 4
+    assert metrics["dwsps_history_recoveries_cut_off_total"] == 1
+
+
+async def test_a_narrow_subscription_recovers_after_siblings_trimmed_its_position(
+    redis_url: str, make_server: ServerFactory, open_client: ClientFactory
+) -> None:
+    gate = asyncio.Event()
+    gate.set()
+
+    async def gated(request: UpgradeRequest) -> Identity:
+        await gate.wait()
+        return Identity(None, Permissions.EVERYTHING)
+
+    srv = await make_server(
+        backplane=redis_url, history=["chat.*:200"], heartbeat_interval=0, authenticate=gated
+    )
+    await narrow_subscription_keeps_up(srv, open_client, gate)

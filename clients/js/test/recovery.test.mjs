@@ -164,3 +164,53 @@ test("after a restart (a new epoch) recovery reports recovered: false", async ()
     await server.stop();
   }
 });
+
+test("a narrow subscription recovers after sibling traffic trimmed its old position", async () => {
+  // chat.r.typing in stream chat.r, 200 kept: it gets nothing for chat.r.msgs' offsets, so
+  // only the ack's offset (taken once the replay is in) keeps its position within reach.
+  const server = await serve(["--history", "chat.*:200"]);
+  const link = await proxy(server.port);
+  const sub = new Client(link.url, { backoffInitial: 20, backoffMax: 200 });
+  const pub = new Client(server.url);
+  const offsets = [];
+  const waiting = new Map();
+  const arrived = (offset) =>
+    offsets.includes(offset) ? Promise.resolve() : new Promise((ok) => waiting.set(offset, ok));
+  const away = async (topics) => {
+    const dropped = next(sub, "disconnect");
+    link.cut();
+    await dropped;
+    for (const topic of topics) await pub.publish(topic, topic.endsWith("typing") ? "t" : "x");
+    const recovery = next(sub, "recovery", scaled(20000));
+    link.restore();
+    return recovery;
+  };
+  try {
+    await sub.subscribe("chat.r.typing", (d) => {
+      offsets.push(d.offset);
+      waiting.get(d.offset)?.();
+    });
+    await pub.publish("chat.r.typing", "t");
+    await arrived(1);
+    const siblings = Array(75).fill("chat.r.msgs");
+    // Offsets 2..152, the one typing message at 77: replayed, then the ack's offset.
+    const [, first, firstAck] = await away([...siblings, "chat.r.typing", ...siblings]);
+    assert.equal(first, true);
+    assert.equal(firstAck.replay, 1);
+    await arrived(77);
+    assert.equal(sub.subscription("chat.r.typing").offset, 152);
+    // 153..302: offset 78 is trimmed, 153 is kept.
+    const [, second, secondAck] = await away(Array(150).fill("chat.r.msgs"));
+    assert.equal(second, true);
+    assert.equal(secondAck.replay, 0);
+    assert.equal(sub.subscription("chat.r.typing").offset, 302);
+    await pub.publish("chat.r.typing", "t");
+    await arrived(303);
+    assert.deepEqual(offsets, [1, 77, 303]);
+  } finally {
+    sub.close();
+    pub.close();
+    await link.close();
+    await server.stop();
+  }
+});
