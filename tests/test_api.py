@@ -100,6 +100,34 @@ async def test_a_body_over_the_frame_limit_is_413(make_server: ServerFactory) ->
     assert status == 413
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "status"),
+    [
+        ("POST", "/nowhere", AUTH, 404),
+        ("POST", "/api/publish", None, 401),
+        ("POST", "/api/publish", {"Authorization": "Bearer wrong"}, 401),
+        ("POST", "/health", AUTH, 405),
+        ("PUT", "/api/publish", AUTH, 405),
+        ("GET", "/health", None, 413),
+    ],
+)
+async def test_a_request_refused_anyway_gets_that_answer_not_413(
+    make_server: ServerFactory, method: str, path: str, headers: dict | None, status: int
+) -> None:
+    # The order PROTOCOL.md implies: no such route, then the key, then the size.
+    srv = await make_server(api_key=KEY, max_frame_size=1000)
+    body = orjson.dumps({"topic": "a", "message": "x" * 2000})
+    got, _, _ = await http_request(srv.url, method, path, body, headers)
+    assert got == status
+    assert srv.stats.publishes == 0
+
+
+async def test_the_api_off_is_404_even_for_a_large_body(make_server: ServerFactory) -> None:
+    srv = await make_server(max_frame_size=1000)
+    status, _ = await post(srv, b"x" * 2000, AUTH)
+    assert status == 404
+
+
 async def test_topics_and_connections(
     make_server: ServerFactory, open_client: ClientFactory
 ) -> None:

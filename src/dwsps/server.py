@@ -33,6 +33,7 @@ from dwsps.connection import Connection, Writer
 from dwsps.errors import AuthError
 from dwsps.events import Events
 from dwsps.http import (
+    Answer,
     Handler,
     HttpRequest,
     HttpResponse,
@@ -397,9 +398,13 @@ class Server:
 
     # -- the front door (dwsps.listener.Gate) ------------------------------
 
-    def http_request(self, request: HttpRequest) -> HttpResponse:
+    def http_request(self, request: HttpRequest) -> Answer:
         """Answer a plain HTTP request."""
         return self.http.respond(request)
+
+    def http_refusal(self, request: HttpRequest) -> HttpResponse | None:
+        """What a plain HTTP request gets whatever its body (404, 405, 401), or None."""
+        return self.http.refusal(request)
 
     def admit(self, request: HttpRequest) -> Admitted | Awaitable[Admitted]:
         """Decide on a WebSocket upgrade: Origin, connection caps, peer token, authentication."""
