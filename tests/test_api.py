@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import orjson
@@ -9,10 +10,10 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from dwsps import Server
-from dwsps.http import HttpRequest, KeyCheck
+from dwsps.http import HttpRequest, HttpResponse, KeyCheck, json_response
 from tests.conftest import ClientFactory, ProcessFactory, ServerFactory
 from tests.support import scaled
-from tests.wsclient import http_request, is_delivery
+from tests.wsclient import DEFAULT_TIMEOUT, http_request, is_delivery, open_socket
 
 KEY = "k3y-for-tests"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -185,6 +186,32 @@ def test_key_check_compares_every_key() -> None:
     assert keys.allows(request("bearer b-key"))
     for bad in (None, "", "Bearer", "Bearer c-key", "Basic a-key", "Bearer a-ke"):
         assert not keys.allows(request(bad)), bad
+
+
+async def test_a_deferred_answer_is_sent_when_ready_even_after_the_client_half_closed(
+    make_server: ServerFactory,
+) -> None:
+    srv = await make_server()
+    called = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow(request: HttpRequest) -> HttpResponse:
+        called.set()
+        await release.wait()
+        return json_response({"late": True})
+
+    srv.http.add("/slow", slow)
+    reader, writer = await open_socket(srv.url)
+    try:
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: dwsps\r\n\r\n")
+        writer.write_eof()  # done sending, still reading
+        await asyncio.wait_for(called.wait(), DEFAULT_TIMEOUT)
+        release.set()
+        answer = await asyncio.wait_for(reader.read(), DEFAULT_TIMEOUT)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert answer.endswith(b'{"late":true}')
 
 
 # -- against a real ``dwsps serve`` ----------------------------------------------------
