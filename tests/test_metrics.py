@@ -11,17 +11,22 @@ from dwsps import Server
 from dwsps.errors import ErrorCode
 from dwsps.http import HttpRequest
 from dwsps.metrics import CONTENT_TYPE, Metrics, render
-from tests.conftest import ClientFactory, ServerFactory
+from tests.conftest import ClientFactory, ProcessFactory, ServerFactory
 from tests.support import eventually
-from tests.wsclient import DEFAULT_TIMEOUT, is_delivery
+from tests.wsclient import DEFAULT_TIMEOUT, http_request, is_delivery
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def scrape(server: Server) -> Samples:
     """Every sample of ``render(server)``, keyed by (name, sorted labels)."""
+    return parse(render(server).decode())
+
+
+def parse(text: str) -> Samples:
+    """Every sample of a Prometheus text exposition, keyed by (name, sorted labels)."""
     samples: Samples = {}
-    for family in text_string_to_metric_families(render(server).decode()):
+    for family in text_string_to_metric_families(text):
         for s in family.samples:
             key = (s.name, tuple(sorted(s.labels.items())))
             assert key not in samples, f"duplicate sample {key}"
@@ -86,6 +91,42 @@ async def test_traffic_counters_and_errors_by_code(
     await eventually(lambda: len(srv.connections) == 2, "the close to be seen")
     m = scrape(srv)
     assert (value(m, "dwsps_connections"), value(m, "dwsps_subscriptions")) == (2, 2)
+
+
+async def test_a_real_scrape_of_dwsps_serve_after_known_traffic(
+    serve_process: ProcessFactory, open_client: ClientFactory
+) -> None:
+    proc = await serve_process("--heartbeat-interval", "0", "--api-key", "k")
+    sub = await open_client(proc.url)
+    pub = await open_client(proc.url)
+    await sub.subscribe("news", "news.uk")
+    for i in range(2):  # each to both subscriptions
+        await pub.publish("news.uk", i)
+    await pub.publish("news", "one more")  # to one
+    status, _, _ = await http_request(
+        proc.url, "POST", "/api/publish", b'{"topic": "news", "message": 3}',
+        {"Authorization": "Bearer k"},
+    )  # fmt: skip
+    assert status == 200
+    bad = await pub.request({"type": "publish", "topic": "news..uk", "message": 4})
+    assert bad["error"] == "invalid_topic"
+    await sub.take(6)
+
+    status, headers, body = await http_request(proc.url, "GET", "/metrics")
+    assert status == 200
+    assert headers["content-type"] == CONTENT_TYPE
+    m = parse(body.decode())
+    assert value(m, "dwsps_connections") == 2
+    assert value(m, "dwsps_subscriptions") == 2
+    assert value(m, "dwsps_publishes_total") == 4
+    assert value(m, "dwsps_deliveries_total") == 6
+    errors = {code: value(m, "dwsps_errors_total", code=str(code)) for code in ErrorCode}
+    assert errors == {**dict.fromkeys(ErrorCode, 0.0), ErrorCode.INVALID_TOPIC: 1.0}
+    assert value(m, "dwsps_connections_opened_total") == 2
+    assert value(m, "dwsps_slow_consumers_total") == 0
+    # The process collector of the serving process, not of this one.
+    assert value(m, "process_resident_memory_bytes") > 0
+    assert value(m, "process_open_fds") >= 3
 
 
 async def test_heartbeat_timeouts_are_counted(

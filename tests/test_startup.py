@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dwsps import Server
 from dwsps.config import ServerConfig
 from dwsps.errors import ConfigError
 from dwsps.startup import check_startup
@@ -21,7 +22,8 @@ WAIT = scaled(20.0)
 
 @pytest.fixture(scope="module")
 def pems(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """cert.pem + key.pem, other-key.pem (another key), encrypted-key.pem, both.pem, junk.pem."""
+    """cert.pem + key.pem, other-key.pem (another key), encrypted-key.pem, both.pem, junk.pem,
+    short.txt (a short secret) and empty.txt (a newline)."""
     folder = tmp_path_factory.mktemp("pems")
 
     def openssl(*args: str) -> None:
@@ -37,6 +39,8 @@ def pems(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (folder / "cert.pem").read_bytes() + (folder / "key.pem").read_bytes()
     )
     (folder / "junk.pem").write_text("not a certificate\n")
+    (folder / "short.txt").write_text("short\n")
+    (folder / "empty.txt").write_text("\n")
     return folder
 
 
@@ -110,6 +114,52 @@ BAD = [  # (flags, the setting named, the problem); {d} is the folder of the PEM
         "backplane (--backplane)",
         "redis://cache:port: Port could not be cast to integer value as 'port'",
     ),
+    (
+        "--api-key-file {d}/missing.txt",
+        "api_key_file (--api-key-file)",
+        "cannot read {d}/missing.txt: No such file or directory",
+    ),
+    ("--api-key-file {d}/empty.txt", "api_key_file (--api-key-file)", "{d}/empty.txt is empty"),
+    (
+        "--status-key-file {d}/missing.txt",
+        "status_key_file (--status-key-file)",
+        "cannot read {d}/missing.txt: No such file or directory",
+    ),
+    (
+        "--auth-jwt-secret-file {d}/missing.txt",
+        "auth_jwt_secret_file (--auth-jwt-secret-file)",
+        "cannot read {d}/missing.txt: No such file or directory",
+    ),
+    (
+        "--auth-jwt-secret-file {d}/short.txt",
+        "auth_jwt_secret_file (--auth-jwt-secret-file)",
+        "the JWT secret is 5 bytes; at least 32 are needed (RFC 7518, 3.2)",
+    ),
+    (
+        "--auth-jwt-secret short",
+        "auth_jwt_secret (--auth-jwt-secret)",
+        "the JWT secret is 5 bytes; at least 32 are needed (RFC 7518, 3.2)",
+    ),
+    (
+        "--auth-jwt-public-key {d}/junk.pem",
+        "auth_jwt_public_key (--auth-jwt-public-key)",
+        "the JWT public key is not a PEM public key or certificate",
+    ),
+    (
+        "--auth-jwt-public-key {d}/missing.pem",
+        "auth_jwt_public_key (--auth-jwt-public-key)",
+        "cannot read {d}/missing.pem: No such file or directory",
+    ),
+    (
+        f"--auth-jwt-secret {'s' * 40} --auth-jwt-algorithm HS512",
+        "auth_jwt_algorithms (--auth-jwt-algorithm)",
+        "the JWT secret is too short for HS512: 64 bytes are needed",
+    ),
+    (
+        "--anonymous-publish a..b",
+        "anonymous_publish (--anonymous-publish)",
+        "empty level in 'a..b'",
+    ),
 ]
 
 
@@ -150,9 +200,64 @@ async def test_a_port_in_use_is_one_line() -> None:
         )  # fmt: skip
         out, err = await finish(proc, WAIT)
     assert (proc.returncode, out) == (1, b"")
-    assert (
-        err.decode() == f"dwsps serve: cannot listen on 127.0.0.1:{port}: address already in use\n"
+    assert err.decode() == (
+        f"dwsps serve: port (--port): cannot listen on 127.0.0.1:{port}: address already in use\n"
     )
+
+
+async def test_a_setting_from_the_toml_file_or_the_environment_names_it(tmp_path: Path) -> None:
+    toml = tmp_path / "dwsps.toml"
+    toml.write_text('tls-cert = "nope.pem"\napi_key_file = "no-key"\n')
+    code, out, err = await serve("--config", str(toml))
+    assert (code, out) == (1, "")
+    assert (
+        err == f"dwsps serve: {toml}: tls-cert: cannot read nope.pem: No such file or directory\n"
+    )
+    code, _, err = await serve("--config", str(toml), env={"DWSPS_TLS_CERT": "env.pem"})
+    assert code == 1
+    assert err == (
+        "dwsps serve: environment DWSPS_TLS_CERT: cannot read env.pem: No such file or directory\n"
+    )
+    code, _, err = await serve("--config", str(toml), "--tls-cert", "flag.pem")
+    assert code == 1
+    assert (
+        err
+        == "dwsps serve: tls_cert (--tls-cert): cannot read flag.pem: No such file or directory\n"
+    )
+
+
+async def test_server_start_on_a_port_in_use_cleans_up() -> None:
+    before = asyncio.all_tasks()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        # Peers, a heartbeat and a backplane: links and tasks that must not outlive the failure.
+        srv = Server(
+            host="127.0.0.1",
+            port=port,
+            peers=["ws://127.0.0.1:1"],
+            backplane="memory://start-fails",
+            heartbeat_interval=0.05,
+        )
+        with pytest.raises(ConfigError) as failed:
+            await srv.start()
+    assert str(failed.value) == (
+        f"port (--port): cannot listen on 127.0.0.1:{port}: address already in use"
+    )
+    assert isinstance(failed.value.__cause__, OSError)
+    assert asyncio.all_tasks() == before, "a task outlived the failed start"
+    assert srv.peer_status() == []
+    assert srv.backplane is None
+    await asyncio.wait_for(srv.close(), WAIT)  # nothing to undo
+    # Nothing half-started is in the way: the same server starts once the port is free.
+    await srv.start()
+    try:
+        assert srv.port == port
+        assert [p["url"] for p in srv.peer_status()] == ["ws://127.0.0.1:1"]
+    finally:
+        await srv.close()
+    assert asyncio.all_tasks() == before
 
 
 def test_good_configurations_pass(pems: Path) -> None:

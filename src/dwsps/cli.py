@@ -37,7 +37,7 @@ from dwsps import __version__, tokens
 from dwsps import stat as stat_command
 from dwsps.bench import command as bench_command
 from dwsps.client import NO_RECONNECT_CODES, Client
-from dwsps.config import add_flags, flag_values, load_config, sources_help
+from dwsps.config import add_flags, flag_values, load_config, setting_source, sources_help
 from dwsps.errors import (
     AckTimeout,
     CloseCode,
@@ -49,7 +49,7 @@ from dwsps.errors import (
 from dwsps.logs import LOG_FORMATS, configure
 from dwsps.loop import run
 from dwsps.server import Server
-from dwsps.startup import check_startup
+from dwsps.startup import SettingError, check_startup
 from dwsps.stdin import LineTooLong, StdinLines
 from dwsps.workers import Supervisor, Worker
 
@@ -218,11 +218,7 @@ def _serve(args: argparse.Namespace) -> int:
         return _fail("serve", f"log level must be one of {', '.join(LOG_LEVELS)}")
     if args.log_format not in LOG_FORMATS:
         return _fail("serve", f"log format must be one of {', '.join(LOG_FORMATS)}")
-    try:
-        config = load_config(args.config, overrides=flag_values(args))
-        check_startup(config)
-    except ConfigError as exc:
-        return _fail("serve", exc)
+    flags = flag_values(args)
     try:
         worker = Worker.from_env()
     except ValueError as exc:
@@ -231,9 +227,23 @@ def _serve(args: argparse.Namespace) -> int:
     if args.log_level != "debug":
         # picows logs every connection at INFO: too chatty for a server's log.
         logging.getLogger("picows").setLevel(logging.WARNING)
-    if config.workers > 1 and worker is None:
+    try:
+        config = load_config(args.config, overrides=flags)
+        check_startup(config)
+        server = None if config.workers > 1 and worker is None else Server(config, worker=worker)
+    except ConfigError as exc:
+        return _fail("serve", _where(exc, args.config, flags))
+    if server is None:
         return run(Supervisor(_serve_args(args.argv), config, config.workers).run())
-    return run(_serve_async(Server(config, worker=worker), worker))
+    return run(_serve_async(server, worker, lambda exc: _where(exc, args.config, flags)))
+
+
+def _where(exc: ConfigError, path: str | None, flags: dict[str, Any]) -> str:
+    """``exc``, naming the TOML file or the variable when its setting came from there."""
+    if not isinstance(exc, SettingError):
+        return str(exc)
+    source = setting_source(exc.setting, path, overrides=flags)
+    return str(exc) if source is None else f"{source}: {exc.problem}"
 
 
 def _serve_args(argv: list[str]) -> list[str]:
@@ -241,23 +251,13 @@ def _serve_args(argv: list[str]) -> list[str]:
     return argv[argv.index("serve") + 1 :]
 
 
-def _listen_error(exc: OSError) -> str:
-    """``address already in use``, not asyncio's whole sentence around it."""
-    if exc.errno is not None and exc.errno > 0:
-        return os.strerror(exc.errno).lower()
-    return str(exc.strerror or exc)  # getaddrinfo errors have negative numbers
-
-
-async def _serve_async(server: Server, worker: Worker | None = None) -> int:
-    config = server.config
+async def _serve_async(
+    server: Server, worker: Worker | None, describe: Callable[[ConfigError], str]
+) -> int:
     try:
-        await server.start()
-    except OSError as exc:
-        await server.close()
-        return _fail("serve", f"cannot listen on {config.host}:{config.port}: {_listen_error(exc)}")
-    except ValueError as exc:  # ConfigError: what check_startup cannot know before starting
-        await server.close()
-        return _fail("serve", exc)
+        await server.start()  # cleans up after itself when it fails
+    except ConfigError as exc:  # what check_startup cannot know before starting: the port
+        return _fail("serve", describe(exc))
     stop = asyncio.Event()
     signals: list[signal.Signals] = []
 

@@ -37,6 +37,7 @@ the source (the file as given, the variable) and the key.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -623,6 +624,31 @@ def load_config(
         except ValueError as exc:
             raise ConfigError(f"setting {name}: {exc}") from None
     return ServerConfig(**values)
+
+
+def setting_source(
+    name: str,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> str | None:
+    """Where :func:`load_config` took setting ``name`` from, as its own errors name a
+    source: ``environment DWSPS_X``, ``FILE: key`` (the file as given, the key as
+    written), or None for an override (a flag) or the default."""
+    if overrides is not None and name in overrides:
+        return None
+    s = BY_NAME[name]
+    if s.env in (os.environ if environ is None else environ):
+        return f"environment {s.env}"
+    if path is not None:
+        with contextlib.suppress(OSError, tomllib.TOMLDecodeError):
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+            for key in s.toml_keys:
+                if key in data:
+                    return f"{os.fspath(path)}: {key}"
+    return None
 
 
 # -- the command line ----------------------------------------------------------

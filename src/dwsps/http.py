@@ -1,15 +1,19 @@
 """Plain HTTP on the server's port: requests without ``Upgrade: websocket``.
 
 Routes map a path (and methods) to a handler that takes an :class:`HttpRequest`
-and returns an :class:`HttpResponse`. Any path that is not a route answers 404
-to plain HTTP and stays upgradable to a WebSocket (original clients use any
-path). Parsing and the socket belong to :mod:`dwsps.listener`.
+and returns an :class:`HttpResponse`, or an awaitable of one when the answer
+must wait (a publish whose history lives in Redis). Any path that is not a
+route answers 404 to plain HTTP and stays upgradable to a WebSocket (original
+clients use any path). A route may have a *guard* (the API key check): it
+answers before the handler and, like 404 and 405, before the body is read, so
+a request refused anyway gets that answer and not 413 for a large body.
+Parsing and the socket belong to :mod:`dwsps.listener`.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +50,10 @@ class HttpResponse:
 
 
 Handler = Callable[[HttpRequest], HttpResponse]
+Answer = HttpResponse | Awaitable[HttpResponse]
+"""What a route answers: a response, or one to wait for."""
+Guard = Callable[[HttpRequest], HttpResponse | None]
+"""Refuses a request (without its body) with a response, or lets it through with None."""
 
 
 def json_response(obj: Any, status: int = 200) -> HttpResponse:
@@ -98,26 +106,44 @@ class HttpRoutes:
     __slots__ = ("_routes",)
 
     def __init__(self) -> None:
-        self._routes: dict[str, tuple[frozenset[str], Handler]] = {}
+        self._routes: dict[
+            str, tuple[frozenset[str], Callable[[HttpRequest], Answer], Guard | None]
+        ] = {}
 
-    def add(self, path: str, handler: Handler, methods: tuple[str, ...] = ("GET",)) -> None:
-        """Answer ``methods`` on ``path`` with ``handler(request)`` (``HEAD`` goes with ``GET``)."""
+    def add(
+        self,
+        path: str,
+        handler: Callable[[HttpRequest], Answer],
+        methods: tuple[str, ...] = ("GET",),
+        guard: Guard | None = None,
+    ) -> None:
+        """Answer ``methods`` on ``path`` with ``handler(request)`` (``HEAD`` goes with
+        ``GET``), unless ``guard(request)`` refuses it first."""
         allowed = set(methods)
         if "GET" in allowed:
             allowed.add("HEAD")
-        self._routes[path] = (frozenset(allowed), handler)
+        self._routes[path] = (frozenset(allowed), handler, guard)
 
     def get(self, path: str) -> HttpResponse:
-        """The answer to ``GET path`` (tests and tools)."""
-        return self.respond(HttpRequest("GET", path))
+        """The answer to ``GET path`` (tests and tools; not for a deferred answer)."""
+        answer = self.respond(HttpRequest("GET", path))
+        assert isinstance(answer, HttpResponse)
+        return answer
 
-    def respond(self, request: HttpRequest) -> HttpResponse:
-        """The answer to ``request``: its route's, 404 or 405."""
+    def refusal(self, request: HttpRequest) -> HttpResponse | None:
+        """What ``request`` gets whatever its body (404, 405, its guard's refusal), or None."""
         route = self._routes.get(request.path)
         if route is None:
             return NOT_FOUND
-        methods, handler = route
+        methods, _, guard = route
         if request.method not in methods:
             allow = ", ".join(sorted(methods))
             return HttpResponse(405, b"method not allowed\n", "text/plain", {"Allow": allow})
-        return handler(request)
+        return guard(request) if guard is not None else None
+
+    def respond(self, request: HttpRequest) -> Answer:
+        """The answer to ``request``: its route's, 404, 405 or its guard's."""
+        refused = self.refusal(request)
+        if refused is not None:
+            return refused
+        return self._routes[request.path][1](request)

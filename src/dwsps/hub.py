@@ -32,6 +32,7 @@ import logging
 import secrets
 import time
 from collections import Counter, deque
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -917,6 +918,44 @@ class Hub:
             self.events.emit("publish", pub.topic, client_id)
         return True
 
+    def route_kept(self, pub: Publish, client_id: str | None) -> Awaitable[dict[str, Any]] | None:
+        """:meth:`route` for a publish whose answer waits for the engine, as a client's ack does.
+
+        For a topic whose history lives in the backplane's engine: hands ``pub``
+        there and returns what to await, the ack's ``stream``/``offset``/``epoch``
+        (``{}`` for a copy seen before); it raises :class:`ProtocolError`
+        ``overloaded`` when the engine refuses the append or does not confirm it
+        within ``history_publish_timeout``. None for any other topic: call :meth:`route`.
+        """
+        if self._shared is None:
+            return None
+        assert self.history is not None
+        found = self.history.patterns.stream_of(pub.topic)
+        if found is None:
+            return None
+        if pub.timestamp is None:
+            pub.timestamp = self._clock.now()
+        if self.router.admit(pub) is not Admission.NEW:
+            self.stats.duplicates_dropped += 1
+            return _nothing()
+        future = self._append_shared(pub, found)
+        if self.events.has("publish"):
+            self.events.emit("publish", pub.topic, client_id)
+        return self._appended(found[0], future)
+
+    async def _appended(
+        self, stream: str, future: asyncio.Future[tuple[str, int]]
+    ) -> dict[str, Any]:
+        done, _ = await asyncio.wait((future,), timeout=self.config.history_publish_timeout)
+        if not done:
+            future.cancel()  # withdrawn if it was not written yet
+            raise ProtocolError(ErrorCode.OVERLOADED, self._append_timeout_detail(), "publish")
+        failure = _append_failure(future)
+        if failure is not None:
+            raise ProtocolError(ErrorCode.OVERLOADED, failure, "publish")
+        epoch, offset = future.result()
+        return {"stream": stream, "offset": offset, "epoch": epoch}
+
     def _publish_shared(
         self, conn: Connection, req: Publish, found: tuple[str, HistoryPattern]
     ) -> None:
@@ -950,12 +989,9 @@ class Hub:
         timer.cancel()
         if slot.frame is not None:
             return  # timed out already
-        if future.cancelled() or future.exception() is not None:
-            if future.cancelled():
-                detail = "the history append was withdrawn"
-            else:
-                detail = f"the backplane refused the history append: {future.exception()}"
-            self._append_failed(conn, slot, req, detail)
+        failure = _append_failure(future)
+        if failure is not None:
+            self._append_failed(conn, slot, req, failure)
             return
         epoch, offset = future.result()
         assert self.history is not None
@@ -972,12 +1008,12 @@ class Hub:
         future: asyncio.Future[tuple[str, int]],
     ) -> None:
         future.cancel()  # withdrawn if it was not written yet
-        self._append_failed(
-            conn,
-            slot,
-            req,
+        self._append_failed(conn, slot, req, self._append_timeout_detail())
+
+    def _append_timeout_detail(self) -> str:
+        return (
             f"the backplane did not confirm the history append within "
-            f"{self.config.history_publish_timeout:g}s (unreachable?); it was probably not kept",
+            f"{self.config.history_publish_timeout:g}s (unreachable?); it was probably not kept"
         )
 
     def _append_failed(self, conn: Connection, slot: _Deferred, req: Publish, detail: str) -> None:
@@ -1335,6 +1371,20 @@ class _Hold:
         self.stream = stream
         self.held: list[Any] | None = []
         self.floor: tuple[str, int] | None = None
+
+
+def _append_failure(future: asyncio.Future[tuple[str, int]]) -> str | None:
+    """Why a settled history append failed (an error's detail), or None when it was kept."""
+    if future.cancelled():
+        return "the history append was withdrawn"
+    exc = future.exception()
+    if exc is not None:
+        return f"the backplane refused the history append: {exc}"
+    return None
+
+
+async def _nothing() -> dict[str, Any]:
+    return {}
 
 
 def _log_append_failure(future: asyncio.Future[tuple[str, int]]) -> None:

@@ -6,7 +6,11 @@ it, bounded in size and time) and then does one of two things:
 * a plain HTTP request (any method, with a body up to a limit) is answered by
   the :class:`Gate`'s routes and the connection is closed, lingering as a
   WebSocket's does (:func:`~dwsps.stream.half_close`), so that an answer to a
-  client still sending (431, 413, a refused upgrade) is not lost to a reset;
+  client still sending (431, 413, a refused upgrade) is not lost to a reset.
+  A body over the limit gets 413 only if the request would not be refused
+  anyway (404, 405, 401: :meth:`Gate.http_refusal`). An answer may be
+  *deferred* (an awaitable: a publish waiting for Redis's offset); it is sent
+  when ready, what the client sends meanwhile is drained;
 * a WebSocket upgrade is *admitted* by the gate first (Origin, connection
   caps, authentication — possibly awaiting an embedding application's hook)
   and, if it may proceed, the socket is handed to a picows protocol together
@@ -42,7 +46,7 @@ from picows import WSAutoPingStrategy, WSListener
 # hand-over builds the same protocol for a socket whose request we already read.
 from picows.picows import WSProtocol  # type: ignore[attr-defined]
 
-from dwsps.http import HttpRequest, HttpResponse, text_response
+from dwsps.http import Answer, HttpRequest, HttpResponse, text_response
 from dwsps.stream import DRAIN_BYTES, ReadBuffer, Stream, half_close
 
 log = logging.getLogger("dwsps.server")
@@ -54,8 +58,11 @@ Admitted = WSListener | HttpResponse
 class Gate(Protocol):
     """What the front door asks of the server."""
 
-    def http_request(self, request: HttpRequest) -> HttpResponse:
-        """Answer a plain HTTP request."""
+    def http_request(self, request: HttpRequest) -> Answer:
+        """Answer a plain HTTP request, now or later (an awaitable)."""
+
+    def http_refusal(self, request: HttpRequest) -> HttpResponse | None:
+        """What ``request`` (its head) gets whatever its body, or None (it may get 413)."""
 
     def admit(self, request: HttpRequest) -> Admitted | Awaitable[Admitted]:
         """Decide on a WebSocket upgrade (may be awaitable: an embedding hook)."""
@@ -150,6 +157,8 @@ class FrontDoor(asyncio.Protocol):
         self._drained = 0
         self._done = False
         self._lost = False
+        self._deferred: asyncio.Future[HttpResponse] | None = None
+        self._eof = False
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -184,6 +193,9 @@ class FrontDoor(asyncio.Protocol):
             self._answer(text_response(status, reason))
 
     def eof_received(self) -> bool | None:
+        if self._deferred is not None:
+            self._eof = True
+            return True  # still open for the deferred answer
         return False  # close the transport (lingering after an answer, or not)
 
     # -- reading the request ----------------------------------------------
@@ -205,22 +217,49 @@ class FrontDoor(asyncio.Protocol):
                 if length is not None and (
                     not length.isdigit() or int(length) > self._settings.max_body
                 ):
-                    self._answer(text_response(413, "request body too large"))
+                    self._too_large(event)
                     return
             elif isinstance(event, h11.Data):
                 self._body += event.data
                 if len(self._body) > self._settings.max_body:
-                    self._answer(text_response(413, "request body too large"))
+                    assert self._request is not None
+                    self._too_large(self._request)
                     return
             elif isinstance(event, h11.EndOfMessage):
                 assert self._request is not None
-                self._answer(
-                    self._gate.http_request(self._http_request(self._request, bytes(self._body)))
+                answer = self._gate.http_request(
+                    self._http_request(self._request, bytes(self._body))
                 )
+                if isinstance(answer, HttpResponse):
+                    self._answer(answer)
+                else:
+                    self._defer(answer)
                 return
             else:  # ConnectionClosed
                 self._close()
                 return
+
+    def _too_large(self, event: h11.Request) -> None:
+        refused = self._gate.http_refusal(self._http_request(event, b""))
+        self._answer(refused or text_response(413, "request body too large"))
+
+    def _defer(self, answer: Awaitable[HttpResponse]) -> None:
+        self._done = True  # the request is read: what else arrives is drained
+        self._cancel_timer()  # what the answer waits for has its own bound
+        self._deferred = asyncio.ensure_future(answer)
+        self._deferred.add_done_callback(self._deferred_done)
+
+    def _deferred_done(self, task: asyncio.Future[HttpResponse]) -> None:
+        self._deferred = None
+        if task.cancelled():
+            self._answer(text_response(503, "server shutting down"))
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("answering an HTTP request failed", exc_info=exc)
+            self._answer(text_response(500, "internal error"))
+            return
+        self._answer(task.result())
 
     def _http_request(self, event: h11.Request, body: bytes) -> HttpRequest:
         target = event.target.decode("latin-1")
@@ -316,10 +355,13 @@ class FrontDoor(asyncio.Protocol):
         method = b"GET" if upgrade or self._request is None else self._request.method
         out = _encode_response(response, with_body=method != b"HEAD")
         transport.write(out)
-        # Not close(): with the client still sending (a huge head, a body not
-        # read) the kernel would reset, and the answer would be lost.
         self._raw = bytearray()
         self._body = bytearray()
+        if self._eof:  # the client is done sending: nothing to linger for
+            transport.close()
+            return
+        # Not close(): with the client still sending (a huge head, a body not
+        # read) the kernel would reset, and the answer would be lost.
         self._linger = half_close(transport, asyncio.get_running_loop())
 
     def _close(self) -> None:

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import secrets
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -24,12 +27,13 @@ import orjson
 from picows import WSListener
 
 from dwsps.api import HttpApi
-from dwsps.auth import Authenticate, Authenticator, Identity, JwtVerifier, UpgradeRequest
+from dwsps.auth import Authenticate, Authenticator, Identity, UpgradeRequest
 from dwsps.config import ServerConfig
 from dwsps.connection import Connection, Writer
-from dwsps.errors import AuthError, ConfigError
+from dwsps.errors import AuthError
 from dwsps.events import Events
 from dwsps.http import (
+    Answer,
     Handler,
     HttpRequest,
     HttpResponse,
@@ -48,7 +52,13 @@ from dwsps.listener import Admitted, FrontDoor, ListenerSettings, PicowsLog
 from dwsps.messages import Clock, Publish
 from dwsps.metrics import Metrics, WorkerMetrics
 from dwsps.permissions import Permissions
-from dwsps.startup import check_startup
+from dwsps.startup import (
+    SettingError,
+    check_startup,
+    jwt_verifier,
+    permissions_setting,
+    read_key,
+)
 from dwsps.topics import validate
 from dwsps.web import routes as web_routes
 from dwsps.workers import Worker
@@ -103,8 +113,8 @@ class Server:
         self.hub = Hub(
             self.config, self.server_id, self.events, _authenticator(self.config, authenticate)
         )
-        api_key = _key(self.config.api_key, self.config.api_key_file, "api_key_file")
-        status_key = _key(self.config.status_key, self.config.status_key_file, "status_key_file")
+        api_key = read_key(self.config, "api_key")
+        status_key = read_key(self.config, "status_key")
         # With a status key, what the server is and counts is for the operator only.
         self._status_keys = KeyCheck(status_key, api_key) if status_key else None
         self.http = HttpRoutes()
@@ -131,6 +141,7 @@ class Server:
         self._peering: PeerLinks | None = None
         self._backplane: BackplaneLink | None = None
         self._server: asyncio.base_events.Server | None = None
+        self._started = False
         self._heartbeat: asyncio.Task[None] | None = None
 
     # -- what the server is made of ----------------------------------------
@@ -203,34 +214,23 @@ class Server:
     async def start(self) -> None:
         """Bind and start serving; returns once the port is open.
 
-        Raises :class:`~dwsps.errors.ConfigError` (one line naming the setting)
-        for an unusable configuration, and OSError when the port cannot be
-        bound; either way nothing is left running.
+        Raises :class:`~dwsps.startup.SettingError` (a
+        :class:`~dwsps.errors.ConfigError`: one line naming the setting) for an
+        unusable configuration or a port that cannot be bound (the OSError as
+        its cause); either way nothing is left running and :meth:`close` has
+        nothing to do.
         """
+        if self._started:
+            raise RuntimeError("the server is already started")
         check_startup(self.config)
         loop = asyncio.get_running_loop()
-        self._links = self._make_links()
-        # Before the listener: subscriptions made while links start are seen by them.
-        writer = Writer(loop, self.hub.router, budget=self.config.memory_budget)
-        self.hub.attach(writer, self._links)
-        settings = ListenerSettings(
-            max_frame_size=self.config.max_frame_size,
-            handshake_timeout=self.config.handshake_timeout,
-            max_body=self.config.max_frame_size,
-            # Not a Logger: given a Logger, picows makes a child Logger per
-            # connection (~0.5 KB each); this one is shared, and it counts.
-            logger=PicowsLog(_WS_LOG, self.hub.framing_error),
-        )
-        self._server = await loop.create_server(
-            lambda: FrontDoor(self, settings),
-            self.config.host,
-            self.config.port,
-            ssl=self._tls_context(),
-            backlog=self.config.listen_backlog,
-            # Workers share the port; the kernel spreads connections over them.
-            reuse_port=self.worker is not None or None,
-        )
+        self._started = True
         try:
+            self._links = self._make_links()
+            # Before the listener: subscriptions made while links start are seen by them.
+            writer = Writer(loop, self.hub.router, budget=self.config.memory_budget)
+            self.hub.attach(writer, self._links)
+            self._server = await self._listen(loop)
             if self.config.heartbeat_interval > 0:
                 self._heartbeat = loop.create_task(self._heartbeat_loop())
             if self._worker_metrics is not None:
@@ -242,12 +242,44 @@ class Server:
             raise
         log.info("dwsps server %s listening on %s", self.server_id, self.url)
 
+    async def _listen(self, loop: asyncio.AbstractEventLoop) -> asyncio.base_events.Server:
+        config = self.config
+        settings = ListenerSettings(
+            max_frame_size=config.max_frame_size,
+            handshake_timeout=config.handshake_timeout,
+            max_body=config.max_frame_size,
+            # Not a Logger: given a Logger, picows makes a child Logger per
+            # connection (~0.5 KB each); this one is shared, and it counts.
+            logger=PicowsLog(_WS_LOG, self.hub.framing_error),
+        )
+        tls = self._tls_context()  # checked by check_startup
+        try:
+            return await loop.create_server(
+                lambda: FrontDoor(self, settings),
+                config.host,
+                config.port,
+                ssl=tls,
+                backlog=config.listen_backlog,
+                # Workers share the port; the kernel spreads connections over them.
+                reuse_port=self.worker is not None or None,
+            )
+        except OSError as exc:
+            where = f"{config.host or '*'}:{config.port}"
+            raise SettingError(
+                _listen_setting(exc), f"cannot listen on {where}: {_listen_error(exc)}"
+            ) from exc
+
     async def close(self) -> None:
-        """Stop accepting, close every client with 1001 and wait briefly for them to go."""
-        if self._server is None:
+        """Stop accepting, close every client with 1001 and wait briefly for them to go.
+
+        Undoes whatever :meth:`start` got to; a no-op when not started.
+        """
+        if not self._started:
             return
+        self._started = False
         server, self._server = self._server, None
-        server.close()
+        if server is not None:
+            server.close()
         links, self._links = self._links, []
         peering, self._peering = self._peering, None
         if peering is not None:
@@ -267,8 +299,9 @@ class Server:
             except TimeoutError:
                 for conn in list(self.connections.values()):
                     conn.abort()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(server.wait_closed(), 1.0)
+        if server is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
         self._backplane = None
         for link in links:
             if link is not peering:
@@ -288,7 +321,7 @@ class Server:
 
     async def serve_forever(self) -> None:
         """Start (if needed) and run until cancelled."""
-        if self._server is None:
+        if not self._started:
             await self.start()
         try:
             await asyncio.Future()
@@ -367,9 +400,13 @@ class Server:
 
     # -- the front door (dwsps.listener.Gate) ------------------------------
 
-    def http_request(self, request: HttpRequest) -> HttpResponse:
+    def http_request(self, request: HttpRequest) -> Answer:
         """Answer a plain HTTP request."""
         return self.http.respond(request)
+
+    def http_refusal(self, request: HttpRequest) -> HttpResponse | None:
+        """What a plain HTTP request gets whatever its body (404, 405, 401), or None."""
+        return self.http.refusal(request)
 
     def admit(self, request: HttpRequest) -> Admitted | Awaitable[Admitted]:
         """Decide on a WebSocket upgrade: Origin, connection caps, peer token, authentication."""
@@ -468,48 +505,29 @@ _PEER = Identity("peer", Permissions.EVERYTHING)
 
 def _authenticator(config: ServerConfig, hook: Authenticate | None) -> Authenticator:
     """The server's authenticator from its settings (reads the key files)."""
-    secret = config.auth_jwt_secret
-    if config.auth_jwt_secret_file:
-        secret = _read(config.auth_jwt_secret_file, "auth_jwt_secret_file").rstrip("\r\n")
-    pem = (
-        _read(config.auth_jwt_public_key, "auth_jwt_public_key")
-        if config.auth_jwt_public_key
-        else None
-    )
-    verifier = None
-    if secret or pem:
-        verifier = JwtVerifier(
-            secret=secret or None,
-            public_key_pem=pem,
-            algorithms=tuple(config.auth_jwt_algorithms) or None,
-            audience=config.auth_jwt_audience or None,
-            issuer=config.auth_jwt_issuer or None,
-            leeway=config.auth_jwt_leeway,
-            default_permissions=Permissions(
-                tuple(config.auth_default_subscribe), tuple(config.auth_default_publish)
-            ),
-            limits=config.topic_limits,
-        )
-    elif config.allow_anonymous and hook is None:
+    verifier = jwt_verifier(config)
+    if verifier is None and config.allow_anonymous and hook is None:
         log.warning("allow_anonymous has no effect without a JWT key: everyone may do everything")
     return Authenticator(
         verifier,
         allow_anonymous=config.allow_anonymous,
         anonymous_permissions=Permissions(
-            tuple(config.anonymous_subscribe), tuple(config.anonymous_publish)
+            permissions_setting(config, "anonymous_subscribe"),
+            permissions_setting(config, "anonymous_publish"),
         ),
         hook=hook,
     )
 
 
-def _key(value: str, path: str, setting: str) -> str:
-    """A key given directly or, when ``path`` is set, read from that file."""
-    return _read(path, setting).rstrip("\r\n") if path else value
+def _listen_error(exc: OSError) -> str:
+    """``address already in use``, not asyncio's whole sentence around it."""
+    if exc.errno is not None and exc.errno > 0:
+        return os.strerror(exc.errno).lower()
+    return str(exc.strerror or exc)  # getaddrinfo errors have negative numbers
 
 
-def _read(path: str, setting: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return fh.read()
-    except OSError as exc:
-        raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror or exc}") from None
+def _listen_setting(exc: OSError) -> str:
+    """Which setting a failed bind is about: the host (unknown, not ours) or the port."""
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        return "host"
+    return "port"

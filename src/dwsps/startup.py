@@ -9,24 +9,48 @@ retried forever, a backplane that fails on first use) into one
     tls_cert (--tls-cert): cannot read certs/server.pem: No such file or directory
 
 It reads files and builds (without starting) the backplane engine, so it does
-I/O; it never connects anywhere.
+I/O; it never connects anywhere. The errors are :class:`SettingError`: the
+command line says where a bad value came from (a flag, the environment, the
+TOML file). :func:`read_key` and :func:`jwt_verifier` are how the server
+itself turns the key settings into keys, so it fails the same way.
 """
 
 from __future__ import annotations
 
+import math
 import ssl
-from typing import Final, NoReturn
+from typing import Any, Final, NoReturn
 from urllib.parse import urlsplit
 
+from dwsps.auth import JwtVerifier
 from dwsps.config import BY_NAME, ServerConfig
-from dwsps.errors import ConfigError, HistoryConfigError
+from dwsps.errors import AuthConfigError, ConfigError, HistoryConfigError, TopicError
 from dwsps.history import history_store
 from dwsps.links.backplane import BackplaneOptions, create_backplane
+from dwsps.permissions import Permissions
 from dwsps.redact import redact
+from dwsps.topics import TopicLimits, validate
 
 PEER_SCHEMES: Final = ("ws", "wss")
 _MAX_PEM: Final = 1024 * 1024
 """More than any certificate chain: a bigger file is not what the setting wants."""
+_KEYS: Final = ("api_key", "status_key", "auth_jwt_secret")
+"""Settings that may instead be read from the file in ``<name>_file``."""
+_PERMISSIONS: Final = (
+    "auth_default_subscribe",
+    "auth_default_publish",
+    "anonymous_subscribe",
+    "anonymous_publish",
+)
+
+
+class SettingError(ConfigError):
+    """A :class:`ConfigError` about one setting: ``setting`` (its field name) and ``problem``."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting_name(setting)}: {problem}")
+        self.setting = setting
+        self.problem = problem
 
 
 def check_startup(config: ServerConfig) -> None:
@@ -38,6 +62,7 @@ def check_startup(config: ServerConfig) -> None:
         _check_peer(url)
     _check_backplane(config)
     _check_history(config)
+    _check_auth(config)
 
 
 def setting_name(name: str) -> str:
@@ -46,7 +71,7 @@ def setting_name(name: str) -> str:
 
 
 def _fail(name: str, problem: str) -> NoReturn:
-    raise ConfigError(f"{setting_name(name)}: {problem}")
+    raise SettingError(name, problem)
 
 
 # -- TLS ---------------------------------------------------------------------------------
@@ -142,3 +167,94 @@ def _check_history(config: ServerConfig) -> None:
         history_store(config.history, config.history_max_bytes, config.topic_limits)
     except HistoryConfigError as exc:
         _fail("history", str(exc).removeprefix("history "))
+
+
+# -- keys and authentication ---------------------------------------------------------------
+
+
+def _check_auth(config: ServerConfig) -> None:
+    for name in _KEYS[:2]:
+        read_key(config, name)
+    for name in _PERMISSIONS:
+        permissions_setting(config, name)
+    jwt_verifier(config)
+
+
+def read_key(config: ServerConfig, name: str) -> str:
+    """The key setting ``name`` (``api_key``, ``status_key``, ``auth_jwt_secret``) as given
+    or, when ``<name>_file`` is set, read from that file (a trailing newline dropped)."""
+    assert name in _KEYS
+    path: str = getattr(config, f"{name}_file")
+    if not path:
+        value: str = getattr(config, name)
+        return value
+    key = _read_text(f"{name}_file", path).rstrip("\r\n")
+    if not key:
+        # Taken as "no key", an empty file would switch the API or the token check off.
+        _fail(f"{name}_file", f"{path} is empty")
+    return key
+
+
+def jwt_verifier(config: ServerConfig) -> JwtVerifier | None:
+    """The verifier of the ``auth_jwt_*`` settings (None without a key); reads the key files."""
+    secret_setting = "auth_jwt_secret_file" if config.auth_jwt_secret_file else "auth_jwt_secret"
+    secret = read_key(config, "auth_jwt_secret") or None
+    path = config.auth_jwt_public_key
+    pem = _read_text("auth_jwt_public_key", path) if path else None
+    if secret is None and pem is None:
+        return None
+    # Each key alone first, so that an error names the setting it is about.
+    if secret is not None:
+        _verifier(secret_setting, secret=secret)
+    if pem is not None:
+        _verifier("auth_jwt_public_key", public_key_pem=pem)
+    if not 0 <= config.auth_jwt_leeway < math.inf:
+        _fail(
+            "auth_jwt_leeway",
+            f"must be a finite number of seconds >= 0, got {config.auth_jwt_leeway}",
+        )
+    return _verifier(
+        "auth_jwt_algorithms",
+        secret=secret,
+        public_key_pem=pem,
+        algorithms=tuple(config.auth_jwt_algorithms) or None,
+        audience=config.auth_jwt_audience or None,
+        issuer=config.auth_jwt_issuer or None,
+        leeway=config.auth_jwt_leeway,
+        default_permissions=Permissions(
+            permissions_setting(config, "auth_default_subscribe"),
+            permissions_setting(config, "auth_default_publish"),
+        ),
+        limits=config.topic_limits,
+    )
+
+
+def permissions_setting(config: ServerConfig, name: str) -> tuple[str, ...]:
+    """The topic patterns of permission setting ``name`` (e.g. ``anonymous_publish``), checked."""
+    assert name in _PERMISSIONS
+    patterns: list[str] = getattr(config, name)
+    limits: TopicLimits = config.topic_limits
+    for pattern in patterns:
+        try:
+            validate(pattern, subscription=True, limits=limits)
+        except TopicError as exc:
+            text = str(exc)
+            _fail(name, text if repr(pattern) in text else f"{pattern!r}: {text}")
+    return tuple(patterns)
+
+
+def _verifier(name: str, **options: Any) -> JwtVerifier:
+    try:
+        return JwtVerifier(**options)
+    except AuthConfigError as exc:
+        _fail(name, str(exc))
+
+
+def _read_text(name: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read(_MAX_PEM + 1)
+    except OSError as exc:
+        _fail(name, f"cannot read {path}: {exc.strerror or exc}")
+    except UnicodeDecodeError:
+        _fail(name, f"{path} is not UTF-8 text")

@@ -121,7 +121,11 @@ class Supervisor:
             reservation = self._reserve_port() if self.config.port == 0 else None
         except OSError as exc:
             where = f"{self.config.host}:{self.config.port}"
-            print(f"dwsps serve: cannot listen on {where}: {exc}", file=sys.stderr, flush=True)
+            print(
+                f"dwsps serve: port (--port): cannot listen on {where}: {exc.strerror or exc}",
+                file=sys.stderr,
+                flush=True,
+            )
             return 1
         self._directory = tempfile.mkdtemp(prefix="dwsps-workers-")
         failed: asyncio.Future[int] = loop.create_future()

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import orjson
 import pytest
 from tests.backplane.conftest import NO_HEARTBEAT, WAIT, RedisProcess, backplane_status
 from tests.conftest import ClientFactory, ProcessFactory, ServerFactory
 from tests.procs import ServerProcess
 from tests.support import eventually
 from tests.test_history_server import as_alice, metric_values, narrow_subscription_keeps_up
-from tests.wsclient import RawClient, get_json, http_get, is_delivery, reply_to
+from tests.wsclient import RawClient, get_json, http_get, http_request, is_delivery, reply_to
 
 from dwsps.auth import Identity, UpgradeRequest
 from dwsps.permissions import Permissions
@@ -433,3 +434,78 @@ async def test_a_narrow_subscription_recovers_after_siblings_trimmed_its_positio
         backplane=redis_url, history=["chat.*:200"], heartbeat_interval=0, authenticate=gated
     )
     await narrow_subscription_keeps_up(srv, open_client, gate)
+
+
+KEY = "api-key-for-redis-tests"
+
+
+async def api_publish(url: str, body: Any) -> tuple[int, dict[str, Any]]:
+    """``POST /api/publish`` with the API key: (status, JSON answer)."""
+    status, _, data = await http_request(
+        url, "POST", "/api/publish", orjson.dumps(body), {"Authorization": f"Bearer {KEY}"}
+    )
+    return status, orjson.loads(data)
+
+
+async def test_an_http_publish_answers_after_redis_with_the_offset(
+    redis_url: str, serve_process: ProcessFactory, open_client: ClientFactory
+) -> None:
+    a, b = await history_servers(serve_process, redis_url, 2, "--api-key", KEY)
+    sub = await open_client(b.url)
+    epoch = (await subscribe(sub, "chat.x"))["epoch"]
+    status, doc = await api_publish(a.url, {"topic": "chat.x", "message": "one"})
+    # Delivered when Redis hands it back (to every server), so none at once here.
+    assert (status, doc) == (
+        200,
+        {"deliveries": 0, "stream": "chat.x", "offset": 1, "epoch": epoch},
+    )
+    client = await open_client(a.url)
+    assert (await client.publish("chat.x", "two"))["offset"] == 2
+    batch = [
+        {"topic": "chat.x", "message": "three"},
+        {"topic": "news.x", "message": "plain"},
+        {"topic": "chat.x", "message": "four"},
+    ]
+    status, doc = await api_publish(a.url, batch)
+    assert (status, doc) == (200, {"published": 3, "deliveries": 0})
+    got = await sub.take(4, within=WAIT)
+    assert [(m["message"], m["offset"], m["epoch"]) for m in got] == [
+        ("one", 1, epoch),
+        ("two", 2, epoch),
+        ("three", 3, epoch),
+        ("four", 4, epoch),
+    ]
+
+
+async def test_redis_down_an_http_publish_gets_503_within_the_bound(
+    redis_proc: RedisProcess, serve_process: ProcessFactory
+) -> None:
+    (a,) = await history_servers(
+        serve_process, redis_proc.url, 1, "--api-key", KEY, "--history-publish-timeout", "1"
+    )
+    status, doc = await api_publish(a.url, {"topic": "chat.x", "message": 1})
+    assert (status, doc["offset"]) == (200, 1)
+    await redis_proc.kill()
+
+    async def down() -> bool:
+        return (await backplane_status(a.url))["state"] == "down"
+
+    await eventually(down, "the server to see Redis gone", WAIT)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    status, doc = await api_publish(a.url, {"topic": "chat.x", "message": 2})
+    took = loop.time() - started
+    assert status == 503
+    assert doc["error"] == "overloaded"
+    assert "did not confirm" in doc["detail"]
+    assert "index" not in doc
+    assert 0.9 <= took < 1 + WAIT / 2
+    # A batch: the publish that was not confirmed is named; a plain topic is no obstacle.
+    status, doc = await api_publish(
+        a.url, [{"topic": "news.x", "message": 3}, {"topic": "chat.x", "message": 4}]
+    )
+    assert status == 503
+    assert (doc["error"], doc["index"]) == ("overloaded", 1)
+    # Topics without history are not held up by Redis.
+    status, doc = await api_publish(a.url, {"topic": "news.x", "message": 5})
+    assert (status, doc) == (200, {"deliveries": 0})
