@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from dwsps.auth import JwtVerifier, mint_token
 from dwsps.cli import main
-from dwsps.tokens import TOKEN_ENV, TokenSourceError, add_token_options, token_from_args
+from dwsps.errors import TokenSourceError
+from dwsps.tokens import TOKEN_ENV, add_token_options, token_from_args
 from tests.conftest import ServerFactory
 from tests.procs import run_cli
 from tests.support import eventually, scaled

@@ -44,13 +44,16 @@ from dwsps.errors import (
     ConfigError,
     ConnectionLost,
     DwspsError,
+    LineTooLong,
     RequestError,
+    SettingError,
+    TokenSourceError,
 )
 from dwsps.logs import LOG_FORMATS, configure
 from dwsps.loop import run
 from dwsps.server import Server
-from dwsps.startup import SettingError, check_startup
-from dwsps.stdin import LineTooLong, StdinLines
+from dwsps.startup import check_startup
+from dwsps.stdin import StdinLines
 from dwsps.workers import Supervisor, Worker
 
 DEFAULT_URL = "ws://127.0.0.1:8000"
@@ -173,7 +176,7 @@ def _client(args: argparse.Namespace, command: str, **options: Any) -> Client | 
     """The command's client with the token it presents, or None (said on stderr)."""
     try:
         token = tokens.token_from_args(args)
-    except tokens.TokenSourceError as exc:
+    except TokenSourceError as exc:
         _say(command, str(exc))
         return None
     provider = tokens.token_file_provider(args)

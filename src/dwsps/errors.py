@@ -15,6 +15,7 @@ are exceptions. Every code and close code the project uses is listed here::
     ├── SubscriptionLimitError a subscriber holds as many subscriptions as it may (server side)
     ├── TopicError             a topic breaks the topic rules (also a ValueError)
     ├── ConfigError            a configuration source holds something invalid (also a ValueError)
+    │   ├── SettingError       one named setting is unusable (startup checks, a port in use)
     │   ├── AuthConfigError    authentication settings are unusable: key, algorithm, secret
     │   └── HistoryConfigError a history pattern or bound is invalid
     ├── HistoryError           a recover/history request names no single stream (server side)
@@ -195,6 +196,18 @@ class TopicError(DwspsError, ValueError):
 
 class ConfigError(DwspsError, ValueError):
     """A configuration source holds something invalid; the message names the source and key."""
+
+
+class SettingError(ConfigError):
+    """A :class:`ConfigError` about one setting: ``setting`` (its field name) and ``problem``.
+
+    ``label`` is how the message names the setting (``tls_cert (--tls-cert)``).
+    """
+
+    def __init__(self, setting: str, problem: str, label: str | None = None) -> None:
+        super().__init__(f"{label or setting}: {problem}")
+        self.setting = setting
+        self.problem = problem
 
 
 class AuthConfigError(ConfigError):

@@ -53,11 +53,11 @@ from dwsps.messages import Clock, Publish
 from dwsps.metrics import Metrics, WorkerMetrics
 from dwsps.permissions import Permissions
 from dwsps.startup import (
-    SettingError,
     check_startup,
     jwt_verifier,
     permissions_setting,
     read_key,
+    setting_error,
 )
 from dwsps.topics import validate
 from dwsps.web import routes as web_routes
@@ -214,7 +214,7 @@ class Server:
     async def start(self) -> None:
         """Bind and start serving; returns once the port is open.
 
-        Raises :class:`~dwsps.startup.SettingError` (a
+        Raises :class:`~dwsps.errors.SettingError` (a
         :class:`~dwsps.errors.ConfigError`: one line naming the setting) for an
         unusable configuration or a port that cannot be bound (the OSError as
         its cause); either way nothing is left running and :meth:`close` has
@@ -265,7 +265,7 @@ class Server:
             )
         except OSError as exc:
             where = f"{config.host or '*'}:{config.port}"
-            raise SettingError(
+            raise setting_error(
                 _listen_setting(exc), f"cannot listen on {where}: {_listen_error(exc)}"
             ) from exc
 

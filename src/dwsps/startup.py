@@ -24,7 +24,13 @@ from urllib.parse import urlsplit
 
 from dwsps.auth import JwtVerifier
 from dwsps.config import BY_NAME, ServerConfig
-from dwsps.errors import AuthConfigError, ConfigError, HistoryConfigError, TopicError
+from dwsps.errors import (
+    AuthConfigError,
+    ConfigError,
+    HistoryConfigError,
+    SettingError,
+    TopicError,
+)
 from dwsps.history import history_store
 from dwsps.links.backplane import BackplaneOptions, create_backplane
 from dwsps.permissions import Permissions
@@ -44,15 +50,6 @@ _PERMISSIONS: Final = (
 )
 
 
-class SettingError(ConfigError):
-    """A :class:`ConfigError` about one setting: ``setting`` (its field name) and ``problem``."""
-
-    def __init__(self, setting: str, problem: str) -> None:
-        super().__init__(f"{setting_name(setting)}: {problem}")
-        self.setting = setting
-        self.problem = problem
-
-
 def check_startup(config: ServerConfig) -> None:
     """Raise :class:`ConfigError` (one line naming the setting) if ``config`` cannot be served."""
     if config.workers < 1:
@@ -70,8 +67,13 @@ def setting_name(name: str) -> str:
     return f"{name} ({BY_NAME[name].flag})"
 
 
+def setting_error(name: str, problem: str) -> SettingError:
+    """A :class:`SettingError` whose message names the setting as every source knows it."""
+    return SettingError(name, problem, setting_name(name))
+
+
 def _fail(name: str, problem: str) -> NoReturn:
-    raise SettingError(name, problem)
+    raise setting_error(name, problem)
 
 
 # -- TLS ---------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import BinaryIO, Final
 
 # Re-exported: callers catch dwsps.stdin.LineTooLong.
-from dwsps.errors import LineTooLong as LineTooLong
+from dwsps.errors import LineTooLong
 
 LINE_LIMIT: Final = 16 * 1024 * 1024
 """Longest line kept, in bytes (the dwsps client's own message size limit)."""

@@ -26,10 +26,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from dwsps.auth import EC_ALGORITHMS, EDDSA, HMAC_ALGORITHMS, SUPPORTED_ALGORITHMS, mint_token
 from dwsps.config import parse_duration
-from dwsps.errors import ConfigError, PermissionsError
-
-# Re-exported: callers catch tokens.TokenSourceError.
-from dwsps.errors import TokenSourceError as TokenSourceError
+from dwsps.errors import ConfigError, PermissionsError, TokenSourceError
 from dwsps.permissions import Permissions, parse_permissions
 
 TOKEN_ENV: Final = "DWSPS_TOKEN"

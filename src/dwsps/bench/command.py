@@ -23,8 +23,9 @@ from picows import WSError
 from dwsps import loop
 from dwsps.bench.client import probe
 from dwsps.bench.scenarios import RUNNERS, SCENARIOS, Params
+from dwsps.errors import TokenSourceError
 from dwsps.redact import redact
-from dwsps.tokens import TokenSourceError, add_token_options, token_from_args
+from dwsps.tokens import add_token_options, token_from_args
 
 _DEFAULT_SUBS = {"fanout": 100, "peered": 100, "latency": 100, "connections": 1000}
 _FAILURES = (OSError, TimeoutError, WSError, RuntimeError)
