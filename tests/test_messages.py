@@ -228,6 +228,8 @@ def test_clock_formats_like_javascript_date_tojson(monkeypatch: pytest.MonkeyPat
     clock = Clock()
     monkeypatch.setattr(messages.time, "time_ns", lambda: 1579707844674 * 1_000_000 + 999_999)
     assert clock.now() == "2020-01-22T15:44:04.674Z"
+    monkeypatch.setattr(messages.time, "time_ns", lambda: 1579707844999 * 1_000_000)
+    assert clock.now() == "2020-01-22T15:44:04.999Z"  # same second, new millisecond
     monkeypatch.setattr(messages.time, "time_ns", lambda: 1579707845000 * 1_000_000)
     assert clock.now() == "2020-01-22T15:44:05.000Z"
     monkeypatch.setattr(messages.time, "time_ns", lambda: 0)

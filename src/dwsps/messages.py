@@ -15,7 +15,7 @@ import functools
 import re
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final, Protocol
 
 import orjson
@@ -295,10 +295,12 @@ def _timestamp_ok(ts: str) -> bool:
 class Clock:
     """Server time in JavaScript ``Date.toJSON()`` form, formatted once per millisecond."""
 
-    __slots__ = ("_ms", "_text")
+    __slots__ = ("_ms", "_prefix", "_s", "_text")
 
     def __init__(self) -> None:
         self._ms = -1
+        self._s = -1
+        self._prefix = ""
         self._text = ""
 
     def now(self) -> str:
@@ -306,8 +308,11 @@ class Clock:
         ms = time.time_ns() // 1_000_000
         if ms != self._ms:
             self._ms = ms
-            dt = datetime.fromtimestamp(ms / 1000, UTC)
-            self._text = dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+            s = ms // 1000
+            if s != self._s:  # strftime (and glibc's tz check) once a second, not per ms
+                self._s = s
+                self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(s))
+            self._text = f"{self._prefix}{ms % 1000:03d}Z"
         return self._text
 
 
