@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import re
 
-import pytest
-
 from tests.browser.chrome import missing
+from tests.support import unavailable
 
 if reason := missing():
-    pytest.skip(reason, allow_module_level=True)
+    unavailable(reason)
 
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
