@@ -73,8 +73,18 @@ async def test_console_subscribe_publish_and_watch(
     page.wait(lambda _: len(log_rows(page)) == 1, "the delivery in the log")
     [[when, shown_topic, context, body]] = log_rows(page)
     assert (shown_topic, context) == ("news.uk", "news")
-    assert body == '{\n  "headline": "hello",\n  "n": [\n    1,\n    2\n  ]\n}'
+    one_line = '{"headline": "hello", "n": [1, 2]}'
+    assert body == one_line  # a row per delivery
     assert len(when) == len("12:34:56.789")
+    # A click expands it to the pretty form; Enter (it has the focus) folds it again.
+    pre = d.find_element(By.CSS_SELECTOR, "#log li pre")
+    pre.click()
+    pretty = '{\n  "headline": "hello",\n  "n": [\n    1,\n    2\n  ]\n}'
+    page.wait(lambda _: log_rows(page)[0][3] == pretty, "the pretty-printed message")
+    assert pre.get_attribute("aria-expanded") == "true"
+    pre.send_keys(Keys.ENTER)
+    page.wait(lambda _: log_rows(page)[0][3] == one_line, "folded again")
+    assert pre.get_attribute("aria-expanded") == "false"
     page.wait(lambda _: text(page, "#subs .count") == "1", "the subscription's count")
 
     # /health: this console is the one connection, holding the one subscription.
@@ -88,6 +98,9 @@ async def test_console_subscribe_publish_and_watch(
     message.clear()
     message.send_keys('"second"', Keys.CONTROL, Keys.ENTER)
     page.wait(lambda _: len(log_rows(page)) == 2, "the second delivery")
+    second = d.find_element(By.CSS_SELECTOR, "#log li pre")
+    assert second.text == '"second"'
+    assert second.get_attribute("aria-expanded") is None  # a string has nothing to expand
     filt = d.find_element(By.ID, "filter")
     filt.send_keys("headline")
     page.wait(lambda _: len(log_rows(page, visible_only=True)) == 1, "the filter")

@@ -229,11 +229,41 @@ function row(d) {
   context.textContent = d.context;
   context.title = `subscription ${d.context}`;
   const body = document.createElement("pre");
-  body.textContent = JSON.stringify(d.message ?? null, null, 2);
+  const message = d.message ?? null;
+  // One line per row, so a screenful shows many; objects expand to the pretty form on demand.
+  body.textContent = oneLine(message);
+  if (message !== null && typeof message === "object" && Object.keys(message).length) {
+    body.tabIndex = 0;
+    body.setAttribute("role", "button");
+    body.setAttribute("aria-expanded", "false");
+    body.title = "Click or Enter: expand";
+  }
   li.append(time, topic, context, body);
   li.dataset.text = `${d.topic} ${d.context} ${body.textContent}`.toLowerCase();
   li.hidden = !matches(li);
   return li;
+}
+
+/** JSON on one line, spaced for reading: {"a": 1, "b": [1, 2]}. A string's own line breaks
+ * are escaped in JSON, so every raw newline here is layout. */
+function oneLine(value) {
+  return JSON.stringify(value, null, 1)
+    .replace(/([{[])\n */g, "$1")
+    .replace(/\n *([}\]])/g, "$1")
+    .replace(/\n */g, " ");
+}
+
+/** Toggle a log row's message between the one-line and the pretty-printed JSON. */
+function toggleExpanded(body) {
+  const expand = body.getAttribute("aria-expanded") === "false";
+  const value = JSON.parse(body.textContent);
+  body.textContent = expand ? JSON.stringify(value, null, 2) : oneLine(value);
+  body.setAttribute("aria-expanded", String(expand));
+  body.title = expand ? "Click or Enter: collapse" : "Click or Enter: expand";
+}
+
+function expandable(target) {
+  return target instanceof HTMLElement && target.matches("#log pre[aria-expanded]") ? target : null;
 }
 
 function matches(li) {
@@ -445,6 +475,19 @@ function start() {
     if (e.key === "Escape") {
       e.target.value = "";
       applyFilter();
+    }
+  });
+  // One listener for every row (rows come and go by the thousand).
+  $("log").addEventListener("click", (e) => {
+    const body = expandable(e.target);
+    // A click that ends a text selection is for copying, not toggling.
+    if (body && !window.getSelection()?.toString()) toggleExpanded(body);
+  });
+  $("log").addEventListener("keydown", (e) => {
+    const body = expandable(e.target);
+    if (body && (e.key === "Enter" || e.key === " ")) {
+      e.preventDefault();
+      toggleExpanded(body);
     }
   });
   $("pause").addEventListener("click", togglePause);
