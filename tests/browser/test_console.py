@@ -1,6 +1,7 @@
 """The web console (GET /console) in headless Chromium, driven by clicks and typing against a
 real ``dwsps serve``: connect, subscribe, publish with JSON validation, deliveries in the log,
-filter, pause, the /health figures, and a burst of traffic capped in the log."""
+filter, pause, the /health figures, a burst of traffic capped in the log, and the peers panel
+of a server peered with another."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
 from tests.browser.conftest import Page
-from tests.conftest import ClientFactory, ProcessFactory
+from tests.conftest import ClientFactory, PortFactory, ProcessFactory
 from tests.wsclient import http_get
 
 
@@ -157,6 +158,53 @@ async def test_console_pause_and_a_burst_of_traffic(
 
     status, _ = await http_get(srv.url, "/health")
     assert status == 200
+
+
+def peer_rows(page: Page) -> list[list[str]]:
+    """The peers panel as [url, link state, class of the state] per peer."""
+    rows = page.driver.execute_script(
+        "return [...document.querySelectorAll('#peers li:not(.none)')]"
+        "  .map((li) => [li.children[0].textContent, li.children[1].textContent,"
+        "                li.children[1].className]);"
+    )
+    return list(rows)
+
+
+async def test_console_shows_the_peer_link_and_peer_deliveries(
+    page: Page,
+    serve_process: ProcessFactory,
+    open_client: ClientFactory,
+    reserve_port: PortFactory,
+) -> None:
+    pa, pb = reserve_port(), reserve_port()
+    # a starts first, its peer b not yet there: the console shows the link down.
+    a = await serve_process("--peer", pb.url, port=pa.port)
+    open_console(page, a.url)
+    page.wait(lambda _: peer_rows(page), "the peer in the panel")
+    [[url, link_state, css]] = peer_rows(page)
+    assert url == pb.url
+    assert link_state in ("connecting", "down")
+    assert css == "state-down"
+
+    b = await serve_process("--peer", pa.url, port=pb.port)
+    page.wait(lambda _: peer_rows(page) == [[pb.url, "up", "state-up"]], "the link to show up", 30)
+
+    # b forwards to a (peered both ways): the console marks the delivery as from a peer.
+    d = page.driver
+    d.find_element(By.ID, "sub-topic").send_keys("*", Keys.ENTER)
+    page.wait(lambda _: d.find_elements(By.CSS_SELECTOR, "#subs li[data-state='held']"), "`*`")
+    publisher = await open_client(b.url)
+    await publisher.publish("via.peer", {"from": "b"})
+    page.wait(lambda _: len(log_rows(page)) == 1, "the forwarded delivery")
+    assert log_rows(page)[0][1:] == ["via.peer", "*", '{"from": "b"}']
+    topic = d.find_element(By.CSS_SELECTOR, "#log li .topic")
+    assert topic.get_attribute("class") == "topic peer"
+    assert topic.get_attribute("title") == "came through a peer server"
+
+    # b goes away: the panel shows the link down again.
+    await publisher.close()
+    await b.stop()
+    page.wait(lambda _: peer_rows(page)[0][2] == "state-down", "the link to show down", 20)
 
 
 def _pub(i: int) -> dict[str, object]:
