@@ -48,7 +48,8 @@ types: setup
 	$(VENV)/bin/mypy
 
 unit: setup
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	# A missing node, chromium or redis-server fails the tests here rather than skipping them.
+	DWSPS_REQUIRE_TOOLS=1 $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test: setup system-deps node-deps lint types unit
 

@@ -7,6 +7,9 @@
 * :func:`eventually` polls state that has no push notification (another
   process's /health, Redis PUBSUB) within a deadline; everything that can be
   awaited is awaited instead.
+* :func:`unavailable` skips tests whose tool (node, chromium, redis-server) is missing, or
+  fails them under ``make unit``/``make test`` (``DWSPS_REQUIRE_TOOLS=1``), so a machine
+  without the tool cannot pass the suite by skipping.
 """
 
 from __future__ import annotations
@@ -16,9 +19,15 @@ import inspect
 import os
 import socket
 from collections.abc import Awaitable, Callable
+from typing import NoReturn
+
+import pytest
 
 TIME_SCALE = float(os.environ.get("DWSPS_TEST_TIME_SCALE", "1"))
 """How much slower than a quiet developer machine this one is."""
+
+REQUIRE_TOOLS = "DWSPS_REQUIRE_TOOLS"
+"""Set to 1 (the Makefile's unit target does) to turn a missing tool's skip into a failure."""
 
 
 def scaled(seconds: float) -> float:
@@ -72,3 +81,11 @@ async def eventually(
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip (the module, at import; else the test) because a tool is missing: ``reason`` says
+    which and how to install it. With ``DWSPS_REQUIRE_TOOLS=1`` fail instead."""
+    if os.environ.get(REQUIRE_TOOLS, "") not in ("", "0"):
+        pytest.fail(f"{reason} [{REQUIRE_TOOLS}=1: every test must run here]", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)

@@ -20,14 +20,13 @@ from dwsps.auth import mint_token
 from dwsps.permissions import Permissions
 from tests.conftest import ServerFactory
 from tests.procs import finish
-from tests.support import scaled
+from tests.support import scaled, unavailable
 
 INTEROP = Path(__file__).parent / "interop"
 NODE = shutil.which("node")
 
-pytestmark = pytest.mark.skipif(
-    NODE is None, reason="node is not installed (make test installs it)"
-)
+if NODE is None:
+    unavailable("node is not installed (make test installs it: scripts/install-system-deps.sh)")
 
 
 async def run_node(script: str, *args: str) -> tuple[int, dict[str, object], str]:

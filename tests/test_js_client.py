@@ -14,17 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.procs import finish
-from tests.support import scaled
+from tests.support import scaled, unavailable
 
 PACKAGE = Path(__file__).resolve().parent.parent / "clients" / "js"
 NODE = shutil.which("node")
 
-pytestmark = pytest.mark.skipif(
-    NODE is None, reason="node is not installed (make test installs it)"
-)
+if NODE is None:
+    unavailable("node is not installed (make test installs it: scripts/install-system-deps.sh)")
 
 
 def node_flags() -> list[str]:

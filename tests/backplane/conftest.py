@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from tests.support import eventually, free_port, scaled
+from tests.support import eventually, free_port, scaled, unavailable
 from tests.wsclient import get_json
 
 WAIT = scaled(10.0)
@@ -51,7 +51,7 @@ class RedisProcess:
     async def start(self) -> RedisProcess:
         exe = shutil.which("redis-server")
         if exe is None:
-            pytest.skip("redis-server not installed (scripts/install-system-deps.sh)")
+            unavailable("redis-server not installed (scripts/install-system-deps.sh)")
         self.proc = await asyncio.create_subprocess_exec(
             exe,
             "--port",

@@ -34,7 +34,7 @@ def _message(topic: str, i: int, rng: random.Random) -> Any:
     if topic.startswith("chat"):
         return {
             "user": rng.choice(["ana", "bo", "chen", "dee"]),
-            "text": rng.choice(["hi!", "on my way", "👍", "lunch?"]),
+            "text": rng.choice(["hi!", "on my way", "see you there", "lunch?"]),
         }
     if topic.startswith("sensors"):
         return {"celsius": round(21 + 3 * math.sin(i / 40) + rng.random(), 2), "seq": i}

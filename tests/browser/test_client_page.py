@@ -8,12 +8,12 @@ import re
 from pathlib import Path
 
 import orjson
-import pytest
 
 from tests.browser.chrome import missing
+from tests.support import unavailable
 
 if reason := missing():
-    pytest.skip(reason, allow_module_level=True)
+    unavailable(reason)
 
 from tests.browser.conftest import Page
 from tests.conftest import ClientFactory, PortFactory, ProcessFactory

@@ -20,17 +20,17 @@ import pytest
 
 from tests.conftest import ClientFactory, ProcessFactory
 from tests.peering.helpers import WAIT, wait_health
-from tests.support import scaled
+from tests.support import scaled, unavailable
 from tests.wsclient import health
 
 INTEROP = Path(__file__).parent.parent / "interop"
 SCRIPT = INTEROP / "peer_interop.mjs"
 NODE = shutil.which("node")
 
-pytestmark = [
-    pytest.mark.skipif(NODE is None, reason="node is not installed (make test installs it)"),
-    pytest.mark.timeout(scaled(90)),
-]
+if NODE is None:
+    unavailable("node is not installed (make test installs it: scripts/install-system-deps.sh)")
+
+pytestmark = pytest.mark.timeout(scaled(90))
 
 
 class NodeProc:

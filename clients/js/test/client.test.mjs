@@ -1,11 +1,12 @@
 // The client against a real `dwsps serve`: requests and acks, deliveries, errors, order,
-// requests made before the connection opens, timeouts and reconnecting after a restart.
+// requests made before the connection opens, timeouts, the bounded queue while the server is
+// down, a drop with requests in flight, and reconnecting after a restart.
 import assert from "node:assert/strict";
 import { createServer } from "node:net";
 import { after, before, describe, test } from "node:test";
 
 import { Client, DwspsError } from "../dwsps.js";
-import { collector, freePort, next, scaled, serve } from "./helpers.mjs";
+import { collector, freePort, next, proxy, scaled, serve } from "./helpers.mjs";
 
 describe("against one server", () => {
   let server;
@@ -184,6 +185,78 @@ test("after the server restarts, the client reconnects and resubscribes", async 
     assert.deepEqual(c.subscriptions, ["restart"]);
   } finally {
     c.close();
+    await server.stop();
+  }
+});
+
+test("while the server is down, at most maxQueued requests wait; more reject with queue_full", async () => {
+  const port = await freePort(); // nothing listens yet: every attempt is refused
+  const c = new Client(`ws://127.0.0.1:${port}`, {
+    maxQueued: 2,
+    backoffInitial: 20,
+    backoffMax: 200,
+    timeout: scaled(20000),
+  });
+  let server;
+  try {
+    const first = c.publish("queued", 1);
+    const second = c.subscribe("queued");
+    await assert.rejects(c.publish("queued", 3), (err) => {
+      assert.ok(err instanceof DwspsError);
+      assert.equal(err.code, "queue_full");
+      assert.match(err.message, /2 requests already wait/);
+      return true;
+    });
+    assert.equal(c.connected, false);
+    // The two that waited go out, in call order, once the server is there.
+    server = await serve([], port);
+    const [pub, sub] = await Promise.all([first, second]);
+    assert.equal(pub.action, "publish");
+    assert.equal(sub.action, "subscribe");
+    assert.ok(pub.id < sub.id);
+    // Connected, the bound no longer applies.
+    const acks = await Promise.all([1, 2, 3, 4].map((i) => c.publish("queued", i)));
+    assert.equal(acks.length, 4);
+  } finally {
+    c.close();
+    await server?.stop();
+  }
+});
+
+test("a drop with requests in flight: the publish rejects with connection_lost, the subscribe goes again", async () => {
+  const server = await serve();
+  const link = await proxy(server.port);
+  const c = new Client(link.url, { backoffInitial: 20, backoffMax: 200 });
+  const publisher = new Client(server.url);
+  try {
+    await next(c, "open");
+    const dropped = next(c, "disconnect");
+    const published = c.publish("lost", "maybe delivered");
+    const subscribed = c.subscribe("lost.after");
+    // Sent, but cut in this same tick: no reply can come back on that connection.
+    link.cut();
+    await assert.rejects(published, (err) => {
+      assert.ok(err instanceof DwspsError);
+      assert.equal(err.code, "connection_lost");
+      assert.match(err.message, /publish was acked/);
+      return true;
+    });
+    const [code] = await dropped;
+    assert.equal(code, 1006); // abnormal: no close frame came
+    const reopened = next(c, "open", scaled(20000));
+    link.restore();
+    await reopened;
+    // The subscribe was in flight too: idempotent, so it was sent again and holds.
+    assert.equal((await subscribed).action, "subscribe");
+    const delivery = next(c, "message");
+    await publisher.publish("lost.after", "after the drop");
+    const [d] = await delivery;
+    assert.equal(d.context, "lost.after");
+    assert.equal(d.message, "after the drop");
+  } finally {
+    c.close();
+    publisher.close();
+    await link.close();
     await server.stop();
   }
 });

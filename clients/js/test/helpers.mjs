@@ -1,7 +1,8 @@
-// Test helpers: a real `dwsps serve` process per test, events awaited with a deadline, JWTs.
+// Test helpers: a real `dwsps serve` process per test, a TCP proxy that can cut connections,
+// events awaited with a deadline, JWTs.
 import { spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
-import { createServer } from "node:net";
+import { createConnection, createServer } from "node:net";
 import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -59,6 +60,43 @@ export async function serve(args = [], port = 0) {
       const timer = setTimeout(() => child.kill("SIGKILL"), scaled(10000));
       await exited;
       clearTimeout(timer);
+    },
+  };
+}
+
+/** A TCP proxy to `port` on 127.0.0.1: cut() drops every connection and refuses new ones. */
+export async function proxy(port) {
+  const sockets = new Set();
+  let down = false;
+  const server = createServer((inbound) => {
+    if (down) return inbound.destroy();
+    const outbound = createConnection({ host: "127.0.0.1", port });
+    for (const [a, b] of [
+      [inbound, outbound],
+      [outbound, inbound],
+    ]) {
+      sockets.add(a);
+      a.pipe(b);
+      a.on("error", () => b.destroy());
+      a.on("close", () => {
+        sockets.delete(a);
+        b.destroy();
+      });
+    }
+  });
+  await new Promise((ok) => server.listen(0, "127.0.0.1", ok));
+  return {
+    url: `ws://127.0.0.1:${server.address().port}`,
+    cut() {
+      down = true;
+      for (const s of sockets) s.destroy();
+    },
+    restore() {
+      down = false;
+    },
+    close() {
+      this.cut();
+      return new Promise((ok) => server.close(ok));
     },
   };
 }

@@ -41,6 +41,9 @@ test("npm pack makes a package that imports by name, with its types", () => {
     });
     assert.equal(printed.trim(), "function timeout");
     assert.ok(readdirSync(installed).includes("dwsps.d.ts"));
+    // The README travels alone: no link may point into the repository around it.
+    const readme = readFileSync(join(installed, "README.md"), "utf8");
+    assert.doesNotMatch(readme, /\]\((?!https?:|#)[^)]*\)/, "a relative link in the packed README");
   } finally {
     rmSync(tmp, { recursive: true, force: true });
   }

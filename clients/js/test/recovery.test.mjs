@@ -2,50 +2,12 @@
 // TCP proxy in this process recovers every offset exactly once, a restart (new epoch) reports
 // `recovered: false`, and history() answers with the kept publications.
 import assert from "node:assert/strict";
-import { createConnection, createServer } from "node:net";
 import { after, before, describe, test } from "node:test";
 
 import { Client } from "../dwsps.js";
-import { collector, freePort, next, scaled, serve } from "./helpers.mjs";
+import { collector, freePort, next, proxy, scaled, serve } from "./helpers.mjs";
 
 const HISTORY = ["--history", "chat.*:1000"];
-
-/** A TCP proxy to `port` on 127.0.0.1: cut() drops every connection and refuses new ones. */
-async function proxy(port) {
-  const sockets = new Set();
-  let down = false;
-  const server = createServer((inbound) => {
-    if (down) return inbound.destroy();
-    const outbound = createConnection({ host: "127.0.0.1", port });
-    for (const [a, b] of [
-      [inbound, outbound],
-      [outbound, inbound],
-    ]) {
-      sockets.add(a);
-      a.pipe(b);
-      a.on("error", () => b.destroy());
-      a.on("close", () => {
-        sockets.delete(a);
-        b.destroy();
-      });
-    }
-  });
-  await new Promise((ok) => server.listen(0, "127.0.0.1", ok));
-  return {
-    url: `ws://127.0.0.1:${server.address().port}`,
-    cut() {
-      down = true;
-      for (const s of sockets) s.destroy();
-    },
-    restore() {
-      down = false;
-    },
-    close() {
-      this.cut();
-      return new Promise((ok) => server.close(ok));
-    },
-  };
-}
 
 describe("recovery", () => {
   let server;
