@@ -114,7 +114,7 @@ export class DwspsError extends Error {
 }
 
 export interface ClientEvents {
-  /** Each time a connection opens (after resubscribing, on a reconnect). */
+  /** Each time a connection opens (on a reconnect: once the resubscribes are sent; `reconnect` follows their acks). */
   open: () => void;
   /** Every delivery. */
   message: (delivery: Delivery) => void;
