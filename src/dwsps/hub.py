@@ -1308,6 +1308,11 @@ class Hub:
             elif conn.expiry is None and conn.identity.expires_at is not None:
                 self._schedule_expiry(conn)
 
+    def idle_sweep(self) -> None:
+        """Let the connections that sent nothing since the last sweep doze (their picows goes)."""
+        for conn in self.connections.values():
+            conn.doze()
+
     def health(self) -> tuple[bool, dict[str, Any]]:
         """``(healthy, document)`` for ``GET /health``."""
         body: dict[str, Any] = {
