@@ -16,6 +16,7 @@ import pytest
 
 from dwsps import Server
 from dwsps.connection import Connection
+from dwsps.metrics import render
 from tests.conftest import ClientFactory, ServerFactory
 from tests.support import eventually
 from tests.wsclient import OP_CONT, OP_PING, OP_TEXT, encode_frame
@@ -55,6 +56,8 @@ async def test_a_dozing_connection_gets_deliveries_and_wakes_for_requests(
     await eventually(lambda: asleep(conn), "the idle subscriber to doze")
     assert conn.transport is None  # picows and its buffers are gone
     assert conn.opened
+    await eventually(lambda: srv.hub.dozing == 1, "the sweep to count it")
+    assert b"dwsps_connections_dozing 1.0" in render(srv)
     pub = await open_client(srv.url)
     for i in range(3):
         await pub.publish("news.uk", i)
