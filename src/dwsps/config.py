@@ -290,6 +290,14 @@ class ServerConfig:
         " matching more closes that connection with 1008; 0: no limit",
         metavar="N",
     )
+    idle_sweep: float = setting(
+        1.0,
+        help="this often, connections that sent nothing since the last sweep give their"
+        " WebSocket parser back (about half of an idle connection's memory; the next"
+        " input brings a fresh one); 0 disables",
+        metavar="SECONDS",
+        parse=parse_duration,
+    )
     heartbeat_interval: float = setting(
         10.0,
         help="ping every client this often and drop one that did not answer the previous"

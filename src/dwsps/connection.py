@@ -61,6 +61,8 @@ log = logging.getLogger("dwsps.server")
 _WS_CLOSE: dict[int, WSCloseCode] = {c.value: c for c in WSCloseCode}
 _RENEW_AFTER = 64 * 1024
 """A frame at least this large makes the stream renew picows (and its read buffer) after it."""
+_PING = b"\x89\x00"
+"""An empty ping, as the server sends it (FIN + ping, unmasked, no payload)."""
 
 # RFC 6455 7.4: codes a peer may send (1004-1006 and 1015 are never sent; 1016-2999
 # are unassigned; 3000-4999 are for libraries and applications).
@@ -307,13 +309,36 @@ class Connection(WSListener):
     @property
     def opened(self) -> bool:
         """Whether the WebSocket handshake completed."""
-        return self.transport is not None
+        return self.transport is not None or (self.stream is not None and self.stream.asleep)
+
+    def doze(self) -> None:
+        """Idle sweep: let picows go while the client is silent (it comes back with input)."""
+        stream = self.stream
+        if (
+            stream is not None
+            and self.transport is not None
+            and self.frag is None
+            and not self.closing
+            and stream.doze()
+        ):
+            self.transport = None
+
+    def pong_received(self) -> None:
+        """The client answered the heartbeat (also while picows dozes)."""
+        self.awaiting_pong = False
+
+    def _ws(self) -> WSTransport | None:
+        """picows' transport, woken first if the stream let it doze."""
+        stream = self.stream
+        if self.transport is None and stream is not None and stream.asleep:
+            stream.wake()  # -> on_ws_connected
+        return self.transport
 
     # -- picows callbacks -------------------------------------------------
 
     def on_ws_connected(self, transport: WSTransport) -> None:
-        if self.transport is not None:
-            # The stream renewed picows (a fresh read buffer): same connection.
+        if self.transport is not None or (self.stream is not None and self.stream.renewing):
+            # The stream renewed picows (a fresh read buffer, or woke from a doze): same connection.
             self.transport = transport
             _drop_headers(transport.request)
             _drop_headers(transport.response)
@@ -364,9 +389,13 @@ class Connection(WSListener):
         msg_type = frame.msg_type
         if frame.payload_size >= _RENEW_AFTER:
             self.grown = True  # picows' read buffer grew to hold it
-        if self.grown and frame.last_in_buffer and not frame.tail_size and self.stream:
-            self.grown = False
-            self.stream.renew()  # nothing is buffered after this frame
+        if frame.last_in_buffer and not frame.tail_size:
+            stream = self.stream
+            if stream is not None:
+                stream.quiet = True  # nothing is buffered after this frame
+                if self.grown:
+                    self.grown = False
+                    stream.renew()
         if self.closing:
             # Failed or closing: finish the close handshake and act on nothing
             # else (RFC 6455 7.1.7).
@@ -380,7 +409,7 @@ class Connection(WSListener):
         if msg_type is WSMsgType.TEXT and frame.fin and self.frag is None:
             self.host.text_received(self, frame.get_payload_as_bytes())
         elif msg_type is WSMsgType.PONG:
-            self.awaiting_pong = False
+            self.pong_received()
         elif msg_type is WSMsgType.PING:
             # Answered here, not by picows, so that the RSV check above sees pings
             # too; the pong goes through the stream, so through send().
@@ -570,7 +599,7 @@ class Connection(WSListener):
         limit) go out before the close frame, in order; for a slow consumer
         (1013) they are dropped instead, so that the close frame is next.
         """
-        transport = self.transport
+        transport = self._ws()
         if transport is None or self.closing:
             return
         if code is CloseCode.PROTOCOL_ERROR:
@@ -605,12 +634,13 @@ class Connection(WSListener):
         self._drop_buffers()
         if self.raw is not None:
             self.raw.write(close_frame)
-        if self.transport is not None:
-            self.transport.disconnect()
+        transport = self._ws()
+        if transport is not None:
+            transport.disconnect()
 
     def go_away(self) -> bool:
         """Server shutdown: flush, send 1001 and stop acting on input; False if already gone."""
-        transport = self.transport
+        transport = self._ws()
         if transport is None:
             return False
         if not self.closing:
@@ -623,16 +653,19 @@ class Connection(WSListener):
 
     async def wait_closed(self) -> None:
         """Wait until the connection is gone."""
-        if self.transport is not None:
-            await self.transport.wait_disconnected()
+        transport = self._ws()
+        if transport is not None:
+            await transport.wait_disconnected()
 
     def ping(self) -> bool:
         """Heartbeat tick: ping, or report (False) that the last ping went unanswered."""
         if self.awaiting_pong:
             return False
-        if self.transport is not None and not self.closing:
+        if self.opened and not self.closing:
             self.awaiting_pong = True
-            self.transport.send_ping()
+            # The bytes picows' send_ping() writes (a server frame is not masked),
+            # without waking a dozing picows for them.
+            self.send(_PING)
         return True
 
     def abort(self) -> None:

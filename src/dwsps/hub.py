@@ -155,6 +155,8 @@ class Hub:
         self.stats = ServerStats()
         self._clock = Clock()
         self.connections: dict[str, Connection] = {}
+        self.dozing = 0
+        """Connections whose picows was let go, as of the last idle sweep."""
         # A connection being closed, while its disconnect event runs (see user()).
         self._departing: Connection | None = None
         self.router: Router[Connection] = Router(
@@ -1307,6 +1309,14 @@ class Hub:
                 conn.abort()
             elif conn.expiry is None and conn.identity.expires_at is not None:
                 self._schedule_expiry(conn)
+
+    def idle_sweep(self) -> None:
+        """Let the connections that sent nothing since the last sweep doze (their picows goes)."""
+        dozing = 0
+        for conn in self.connections.values():
+            conn.doze()
+            dozing += conn.transport is None
+        self.dozing = dozing
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """``(healthy, document)`` for ``GET /health``."""

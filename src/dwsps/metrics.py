@@ -105,6 +105,8 @@ class _Routes(Protocol):
     def history(self) -> HistoryStore | None: ...
     @property
     def buffered_bytes(self) -> int: ...
+    @property
+    def dozing(self) -> int: ...
 
 
 class _StatusLink(Protocol):
@@ -303,6 +305,11 @@ class ServerCollector(Collector):
         yield info
         yield GaugeMetricFamily(
             "dwsps_connections", "open client connections", value=len(server.connections)
+        )
+        yield GaugeMetricFamily(
+            "dwsps_connections_dozing",
+            "connections idle long enough to have given their WebSocket parser back",
+            value=server.hub.dozing,
         )
         yield GaugeMetricFamily(
             "dwsps_subscriptions",

@@ -143,6 +143,7 @@ class Server:
         self._server: asyncio.base_events.Server | None = None
         self._started = False
         self._heartbeat: asyncio.Task[None] | None = None
+        self._sweep: asyncio.Task[None] | None = None
 
     # -- what the server is made of ----------------------------------------
 
@@ -233,6 +234,8 @@ class Server:
             self._server = await self._listen(loop)
             if self.config.heartbeat_interval > 0:
                 self._heartbeat = loop.create_task(self._heartbeat_loop())
+            if self.config.idle_sweep > 0:
+                self._sweep = loop.create_task(self._sweep_loop())
             if self._worker_metrics is not None:
                 self._metrics_task = loop.create_task(self._worker_metrics.run())
             for link in self._links:
@@ -285,12 +288,12 @@ class Server:
         if peering is not None:
             # First, while the rest still runs: peers get a chance to confirm.
             await peering.close()
-        for task in (self._heartbeat, self._metrics_task):
+        for task in (self._heartbeat, self._sweep, self._metrics_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._heartbeat = self._metrics_task = None
+        self._heartbeat = self._sweep = self._metrics_task = None
         waits = [conn.wait_closed() for conn in list(self.connections.values()) if conn.go_away()]
         if waits:
             done = asyncio.gather(*waits, return_exceptions=True)
@@ -474,6 +477,12 @@ class Server:
     def opened(self, listener: WSListener) -> bool:
         """Whether the handshake of ``listener`` completed."""
         return isinstance(listener, Connection) and listener.opened
+
+    async def _sweep_loop(self) -> None:
+        interval = self.config.idle_sweep
+        while True:
+            await asyncio.sleep(interval)
+            self.hub.idle_sweep()
 
     async def _heartbeat_loop(self) -> None:
         interval = self.config.heartbeat_interval

@@ -28,6 +28,15 @@ Renewal
     straight into the open state (its 101 reply goes nowhere), and the old
     protocol goes, with its buffer.
 
+Dozing
+    An idle connection does not need picows (its read buffer, its write
+    buffer, its transport: about half of what a connection costs). When
+    nothing was read for a whole idle sweep and picows holds no partial
+    frame (:meth:`doze`, the hub's sweep asks), the stream lets picows go;
+    what the server sends never goes through picows anyway. A lone pong (the
+    heartbeat's answer) is taken without it; any other input wakes a fresh
+    picows first, the way a renewal does.
+
 Closing
     ``close()`` does not drop the socket: with unread input the kernel would
     answer with a reset, and the client would lose the replies and the close
@@ -43,7 +52,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 READ_SIZE = 64 * 1024
 """Bytes one read takes from the socket (the shared buffer's size)."""
@@ -100,6 +109,9 @@ class StreamOwner(Protocol):
     def resume_writing(self) -> None:
         """The transport's buffer drained: write what was held back."""
 
+    def pong_received(self) -> None:
+        """A pong arrived while picows was dozing."""
+
 
 class Picows(Protocol):
     """The part of picows' protocol a stream drives."""
@@ -139,6 +151,19 @@ class _Gone:
 
 
 _GONE = _Gone()
+_ASLEEP = _Gone()
+"""picows' stand-in while a stream dozes (see :meth:`Stream.doze`)."""
+
+_PONG: Final = 0x8A
+"""FIN + pong, no reserved bits: the first byte of the one frame a dozing stream takes itself."""
+
+
+def _is_pong(data: memoryview) -> bool:
+    """Whether ``data`` is exactly one masked client pong (RFC 6455 5.2; payload <= 125)."""
+    if len(data) < 6 or data[0] != _PONG:
+        return False
+    second = data[1]
+    return second & 0x80 != 0 and len(data) == 6 + (second & 0x7F)
 
 
 class ReadBuffer:
@@ -160,6 +185,7 @@ class Stream(asyncio.BufferedProtocol):
 
     __slots__ = (
         "_drained",
+        "_heard",
         "_linger",
         "_make_picows",
         "_parse",
@@ -171,6 +197,7 @@ class Stream(asyncio.BufferedProtocol):
         "loop",
         "owner",
         "proto",
+        "quiet",
         "transport",
     )
 
@@ -195,6 +222,9 @@ class Stream(asyncio.BufferedProtocol):
         self._drained = 0
         self._parse = True
         self._linger: asyncio.TimerHandle | None = None
+        self._heard = True
+        self.quiet = False
+        """picows holds no partial frame (the owner sets it after a frame that ended the input)."""
 
     def attach(self, owner: StreamOwner) -> None:
         """``owner`` (the connection) takes over every write picows makes from now on."""
@@ -229,6 +259,15 @@ class Stream(asyncio.BufferedProtocol):
 
     def feed(self, data: memoryview) -> None:
         """Give ``data`` to picows in pieces of at most half its free space."""
+        self._heard = True
+        self.quiet = False
+        if self.proto is _ASLEEP and data and self._parse:
+            owner = self.owner
+            if owner is not None and _is_pong(data):
+                owner.pong_received()
+                self.quiet = True
+                return
+            self._wake()
         # After a framing error picows must see nothing more (its parser would go on).
         while data and self._parse:
             proto = self.proto
@@ -245,11 +284,53 @@ class Stream(asyncio.BufferedProtocol):
         if self._make_picows is not None:
             self._renew = True
 
+    @property
+    def renewing(self) -> bool:
+        """Whether a fresh picows is opening (its ``on_ws_connected`` is not a new connection)."""
+        return self._renewing
+
+    @property
+    def asleep(self) -> bool:
+        """Whether :meth:`doze` let picows go (a :meth:`wake` brings a fresh one)."""
+        return self.proto is _ASLEEP
+
+    def doze(self) -> bool:
+        """Idle sweep: let picows go if nothing was read since the last sweep; True if it went.
+
+        Not while picows holds part of a frame, nor while closing: those need its parser.
+        """
+        if self._heard:
+            self._heard = False
+            return False
+        owner = self.owner
+        if (
+            not self.quiet
+            or self.proto is _ASLEEP
+            or self._make_picows is None
+            or not self._parse
+            or self._linger is not None
+            or owner is None
+            or owner.closing
+        ):
+            return False
+        self.proto = _ASLEEP
+        return True
+
+    def wake(self) -> None:
+        """A fresh picows for a dozing stream (the owner needs its transport)."""
+        if self.proto is _ASLEEP:
+            self._wake()
+
     def _renew_picows(self) -> None:
         self._renew = False
         owner = self.owner
         if owner is None or owner.closing or not self._parse or self._make_picows is None:
             return
+        self._wake()
+
+    def _wake(self) -> None:
+        # Renewal and waking alike: a canned handshake opens a fresh picows.
+        assert self._make_picows is not None
         fresh = self._make_picows()
         self._renewing = True
         try:
@@ -288,11 +369,14 @@ class Stream(asyncio.BufferedProtocol):
     def eof_received(self) -> bool | None:
         if self._linger is not None:
             return False  # the client is done too: close
+        self.wake()
         return self.proto.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._linger is not None:
             self._linger.cancel()
+        # picows tells the connection it is gone (and settles its futures).
+        self.wake()
         self.proto.connection_lost(exc)
         # Break the reference cycles (stream, picows, connection), so that a
         # closed connection's buffers go now, not at the next full collection.
