@@ -32,7 +32,7 @@ import logging
 import secrets
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -172,6 +172,8 @@ class Hub:
         self._max_matches = config.max_deliveries_per_publish or 1 << 62
         self._topic_limits = config.topic_limits
         self._writer: Writer | None = None
+        self._now: Callable[[], float] = time.monotonic
+        """The event loop's clock once attached (what rate limits and expiry timers count in)."""
         self._counter = 0
         self.history: HistoryStore | None = None
         """The history streams (None without a history pattern: the publish path skips it)."""
@@ -202,6 +204,7 @@ class Hub:
         configuration, and so is new (a new epoch) every time a server starts.
         """
         self._writer = writer
+        self._now = writer.loop.time
         self.links = links
         config = self.config
         self.history = history_store(config.history, config.history_max_bytes, config.topic_limits)
@@ -438,11 +441,6 @@ class Hub:
         if verdict is Verdict.CLOSE:
             conn.fail(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
         return False
-
-    def _now(self) -> float:
-        """The event loop's clock (what rate limits and expiry timers count in)."""
-        assert self._writer is not None
-        return self._writer.loop.time()
 
     def _on_subscribe(self, conn: Connection, req: Subscribe) -> None:
         history = self.history
