@@ -19,7 +19,7 @@ from dwsps.connection import Connection
 from dwsps.metrics import render
 from tests.conftest import ClientFactory, ServerFactory
 from tests.support import eventually
-from tests.wsclient import OP_CONT, OP_PING, OP_TEXT, encode_frame
+from tests.wsclient import OP_CONT, OP_PING, OP_TEXT, RawClient, encode_frame
 
 SWEEP = 0.05
 
@@ -46,14 +46,23 @@ def count_sweeps(srv: Server, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+async def subscriber(
+    srv: Server, open_client: ClientFactory, *, dozed: bool = True, **options: Any
+) -> tuple[RawClient, Connection]:
+    """A client subscribed to ``news`` (its first frame) and its connection, dozed first."""
+    client = await open_client(srv.url, **options)
+    await client.subscribe("news")
+    conn = only_connection(srv)
+    if dozed:
+        await eventually(lambda: asleep(conn), "the connection to doze")
+    return client, conn
+
+
 async def test_a_dozing_connection_gets_deliveries_and_wakes_for_requests(
     make_server: ServerFactory, open_client: ClientFactory
 ) -> None:
     srv = await make_server(idle_sweep=SWEEP, heartbeat_interval=0)
-    sub = await open_client(srv.url)
-    await sub.subscribe("news")
-    conn = only_connection(srv)
-    await eventually(lambda: asleep(conn), "the idle subscriber to doze")
+    sub, conn = await subscriber(srv, open_client)
     assert conn.transport is None  # picows and its buffers are gone
     assert conn.opened
     await eventually(lambda: srv.hub.dozing == 1, "the sweep to count it")
@@ -77,10 +86,7 @@ async def test_heartbeat_pongs_are_taken_without_waking(
     make_server: ServerFactory, open_client: ClientFactory
 ) -> None:
     srv = await make_server(idle_sweep=SWEEP, heartbeat_interval=0.15)
-    client = await open_client(srv.url)
-    await client.subscribe("news")
-    conn = only_connection(srv)
-    await eventually(lambda: asleep(conn), "the connection to doze")
+    client, conn = await subscriber(srv, open_client)
     await eventually(lambda: len(client.pings) >= 4, "four heartbeat pings answered")
     assert asleep(conn)
     assert srv.stats.heartbeat_timeouts == 0
@@ -91,10 +97,7 @@ async def test_a_dozing_connection_that_ignores_pings_is_dropped(
     make_server: ServerFactory, open_client: ClientFactory
 ) -> None:
     srv = await make_server(idle_sweep=SWEEP, heartbeat_interval=0.15)
-    client = await open_client(srv.url, auto_pong=False)
-    await client.subscribe("news")
-    conn = only_connection(srv)
-    await eventually(lambda: asleep(conn), "the connection to doze")
+    client, _ = await subscriber(srv, open_client, auto_pong=False)
     await eventually(lambda: not srv.connections, "the silent connection to be dropped")
     assert srv.stats.heartbeat_timeouts == 1
     await client.wait_eof()
@@ -104,10 +107,7 @@ async def test_a_ping_and_a_close_wake_a_dozing_connection(
     make_server: ServerFactory, open_client: ClientFactory
 ) -> None:
     srv = await make_server(idle_sweep=SWEEP, heartbeat_interval=0)
-    client = await open_client(srv.url)
-    await client.subscribe("news")
-    conn = only_connection(srv)
-    await eventually(lambda: asleep(conn), "the connection to doze")
+    client, conn = await subscriber(srv, open_client)
     await client.send_frame(OP_PING, b"hello")
     await eventually(lambda: client.pongs == [b"hello"], "the pong")
     await eventually(lambda: asleep(conn), "it to doze again")
@@ -120,10 +120,7 @@ async def test_a_framing_error_from_a_dozing_connection_is_1002(
     make_server: ServerFactory, open_client: ClientFactory
 ) -> None:
     srv = await make_server(idle_sweep=SWEEP, heartbeat_interval=0)
-    client = await open_client(srv.url)
-    await client.subscribe("news")
-    conn = only_connection(srv)
-    await eventually(lambda: asleep(conn), "the connection to doze")
+    client, _ = await subscriber(srv, open_client)
     await client.send_raw(encode_frame(OP_TEXT, b"{}", rsv=4))
     assert await client.wait_closed() == 1002
 
@@ -147,9 +144,7 @@ async def test_a_partial_frame_keeps_picows(
 ) -> None:
     srv = await make_server(idle_sweep=SWEEP, heartbeat_interval=0)
     sweeps = count_sweeps(srv, monkeypatch)
-    client = await open_client(srv.url)
-    await client.subscribe("news")
-    conn = only_connection(srv)
+    client, conn = await subscriber(srv, open_client, dozed=False)
     frame = encode_frame(OP_TEXT, b'{"type":"publish","topic":"t","message":1,"id":7}')
     await client.send_raw(frame[:9])
     start = sweeps[0]
@@ -165,9 +160,7 @@ async def test_an_unfinished_fragmented_message_keeps_picows(
 ) -> None:
     srv = await make_server(idle_sweep=SWEEP, heartbeat_interval=0)
     sweeps = count_sweeps(srv, monkeypatch)
-    client = await open_client(srv.url)
-    await client.subscribe("news")
-    conn = only_connection(srv)
+    client, conn = await subscriber(srv, open_client, dozed=False)
     await client.send_raw(encode_frame(OP_TEXT, b'{"type":"publish",', fin=False))
     start = sweeps[0]
     await eventually(lambda: sweeps[0] >= start + 3, "three idle sweeps")
@@ -181,10 +174,7 @@ async def test_a_pong_split_across_reads_wakes_picows_and_is_understood(
     make_server: ServerFactory, open_client: ClientFactory
 ) -> None:
     srv = await make_server(idle_sweep=SWEEP, heartbeat_interval=0)
-    client = await open_client(srv.url)
-    await client.subscribe("news")
-    conn = only_connection(srv)
-    await eventually(lambda: asleep(conn), "the connection to doze")
+    client, conn = await subscriber(srv, open_client)
     pong = struct.pack("!BB", 0x8A, 0x80 | 2) + b"\0\0\0\0" + b"ok"
     await client.send_raw(pong[:3])
     await eventually(lambda: not asleep(conn), "the partial pong to wake picows")
