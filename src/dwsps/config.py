@@ -293,7 +293,7 @@ class ServerConfig:
     idle_sweep: float = setting(
         1.0,
         help="this often, connections that sent nothing since the last sweep give their"
-        " WebSocket parser back (about half of an idle connection's memory; the next"
+        " WebSocket parser back (about a third of an idle connection's memory; the next"
         " input brings a fresh one); 0 disables",
         metavar="SECONDS",
         parse=parse_duration,

@@ -30,7 +30,7 @@ Renewal
 
 Dozing
     An idle connection does not need picows (its read buffer, its write
-    buffer, its transport: about half of what a connection costs). When
+    buffer, its transport: about a third of what a connection costs). When
     nothing was read for a whole idle sweep and picows holds no partial
     frame (:meth:`doze`, the hub's sweep asks), the stream lets picows go;
     what the server sends never goes through picows anyway. A lone pong (the
