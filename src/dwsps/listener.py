@@ -36,7 +36,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Final, Protocol, cast
+from typing import Any, Final, Protocol, TypeVar, cast
 
 import h11
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -50,6 +50,7 @@ from dwsps.http import Answer, HttpRequest, HttpResponse, text_response
 from dwsps.stream import DRAIN_BYTES, ReadBuffer, Stream, half_close
 
 log = logging.getLogger("dwsps.server")
+_T = TypeVar("_T")
 
 Admitted = WSListener | HttpResponse
 """What admission decides: the connection's listener, or the HTTP refusal to send."""
@@ -251,15 +252,7 @@ class FrontDoor(asyncio.Protocol):
 
     def _deferred_done(self, task: asyncio.Future[HttpResponse]) -> None:
         self._deferred = None
-        if task.cancelled():
-            self._answer(text_response(503, "server shutting down"))
-            return
-        exc = task.exception()
-        if exc is not None:
-            log.error("answering an HTTP request failed", exc_info=exc)
-            self._answer(text_response(500, "internal error"))
-            return
-        self._answer(task.result())
+        self._answer(_settled(task, "answering an HTTP request"))
 
     def _http_request(self, event: h11.Request, body: bytes) -> HttpRequest:
         target = event.target.decode("latin-1")
@@ -300,15 +293,7 @@ class FrontDoor(asyncio.Protocol):
             task.add_done_callback(self._hook_done)
 
     def _hook_done(self, task: asyncio.Future[Admitted]) -> None:
-        if task.cancelled():
-            self._decided(text_response(503, "server shutting down"))
-            return
-        exc = task.exception()
-        if exc is not None:
-            log.error("admitting an upgrade failed", exc_info=exc)
-            self._decided(text_response(500, "internal error"))
-            return
-        self._decided(task.result())
+        self._decided(_settled(task, "admitting an upgrade"))
 
     def _decided(self, decision: Admitted) -> None:
         if isinstance(decision, HttpResponse):
@@ -379,6 +364,17 @@ class FrontDoor(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _settled(task: asyncio.Future[_T], doing: str) -> _T | HttpResponse:
+    """A finished task's result, or the answer when it was cancelled (503) or raised (500)."""
+    if task.cancelled():
+        return text_response(503, "server shutting down")
+    exc = task.exception()
+    if exc is not None:
+        log.error("%s failed", doing, exc_info=exc)
+        return text_response(500, "internal error")
+    return task.result()
 
 
 def _picows(s: ListenerSettings, listener: WSListener) -> Any:

@@ -212,10 +212,7 @@ async def test_redis_down_a_history_publish_gets_its_error_within_the_bound(
     assert ok["offset"] == 1
     await redis_proc.kill()
 
-    async def down() -> bool:
-        return (await backplane_status(a.url))["state"] == "down"
-
-    await eventually(down, "the server to see Redis gone", WAIT)
+    await backplane_down(a)
     loop = asyncio.get_running_loop()
     started = loop.time()
     first = await client.send_request({"type": "publish", "topic": "chat.x", "message": 2})
@@ -233,6 +230,15 @@ async def test_redis_down_a_history_publish_gets_its_error_within_the_bound(
     assert hist["error"] == "overloaded"
 
 
+async def backplane_down(server: ServerProcess) -> None:
+    """Wait until ``server`` reports its backplane down (Redis killed)."""
+
+    async def down() -> bool:
+        return (await backplane_status(server.url))["state"] == "down"
+
+    await eventually(down, "the server to see Redis gone", WAIT)
+
+
 async def kill_and_restart_mid_stream(
     redis: RedisProcess, a: ServerProcess, pub: RawClient, total: int
 ) -> list[Any]:
@@ -241,10 +247,7 @@ async def kill_and_restart_mid_stream(
     replies = await publish_stream(pub, "chat.room", third)
     await redis.kill()
 
-    async def down() -> bool:
-        return (await backplane_status(a.url))["state"] == "down"
-
-    await eventually(down, "the server to see Redis gone", WAIT)
+    await backplane_down(a)
     waiting = [
         await pub.send_request({"type": "publish", "topic": "chat.room", "message": i})
         for i in range(third + 1, 2 * third + 1)
@@ -485,10 +488,7 @@ async def test_redis_down_an_http_publish_gets_503_within_the_bound(
     assert (status, doc["offset"]) == (200, 1)
     await redis_proc.kill()
 
-    async def down() -> bool:
-        return (await backplane_status(a.url))["state"] == "down"
-
-    await eventually(down, "the server to see Redis gone", WAIT)
+    await backplane_down(a)
     loop = asyncio.get_running_loop()
     started = loop.time()
     status, doc = await api_publish(a.url, {"topic": "chat.x", "message": 2})
