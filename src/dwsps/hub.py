@@ -909,14 +909,22 @@ class Hub:
         found = self.history.patterns.stream_of(pub.topic)
         if found is None:
             return False
+        future = self._keep_shared(pub, found, client_id)
+        if future is not None:
+            future.add_done_callback(_log_append_failure)
+        return True
+
+    def _keep_shared(
+        self, pub: Publish, found: tuple[str, HistoryPattern], client_id: str | None
+    ) -> asyncio.Future[tuple[str, int]] | None:
+        """Admit ``pub`` and hand it to the engine's stream; None for a copy seen before."""
         if self.router.admit(pub) is not Admission.NEW:
             self.stats.duplicates_dropped += 1
-            return True
+            return None
         future = self._append_shared(pub, found)
-        future.add_done_callback(_log_append_failure)
         if self.events.has("publish"):
             self.events.emit("publish", pub.topic, client_id)
-        return True
+        return future
 
     def route_kept(self, pub: Publish, client_id: str | None) -> Awaitable[dict[str, Any]] | None:
         """:meth:`route` for a publish whose answer waits for the engine, as a client's ack does.
@@ -935,12 +943,9 @@ class Hub:
             return None
         if pub.timestamp is None:
             pub.timestamp = self._clock.now()
-        if self.router.admit(pub) is not Admission.NEW:
-            self.stats.duplicates_dropped += 1
+        future = self._keep_shared(pub, found, client_id)
+        if future is None:
             return _nothing()
-        future = self._append_shared(pub, found)
-        if self.events.has("publish"):
-            self.events.emit("publish", pub.topic, client_id)
         return self._appended(found[0], future)
 
     async def _appended(
