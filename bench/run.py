@@ -45,6 +45,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
+COMPILED_BIN = ROOT / ".venv-compiled" / "bin"
+"""``make compiled``: the same dwsps with its request path compiled by mypyc."""
 LOADGEN_DIR = ROOT / "bench" / "loadgen"
 SERVER_CPU, LOADGEN_CPU = 0, 1
 NATS = "nats"
@@ -124,6 +126,14 @@ class Target:
 
 
 # -- paths as a reader can paste them -------------------------------------
+
+
+def default_targets() -> list[Target]:
+    """The pure-Python build of this venv, and the compiled build when there is one."""
+    targets = [Target("dwsps", VENV_BIN / "dwsps")]
+    if os.access(COMPILED_BIN / "dwsps", os.X_OK):
+        targets.append(Target("mypyc", COMPILED_BIN / "dwsps"))
+    return targets
 
 
 def shown(arg: str, tmp: Path | None = None) -> str:
@@ -403,13 +413,19 @@ def describe_target(exe: Path) -> str:
     probe = (
         "import dwsps, importlib.metadata, pathlib;"
         "print(importlib.metadata.version('dwsps'));"
-        "print(pathlib.Path(dwsps.__file__).resolve().parent)"
+        "print(pathlib.Path(dwsps.__file__).resolve().parent);"
+        "from dwsps import build; print(build.describe())"
     )
     try:
         out = subprocess.run(
             [str(exe.parent / "python"), "-c", probe], capture_output=True, text=True, timeout=30
         )
-        version, pkg = out.stdout.split("\n")[:2]
+        version, pkg, *rest = out.stdout.split("\n")
+        # A build before dwsps.build (an older revision) prints no third line.
+        kind = f", {rest[0]}" if rest and rest[0] else ""
+        if "site-packages" in pkg:
+            # Not editable (make compiled): the revision is the working tree it was built from.
+            pkg = str(ROOT)
         rev = subprocess.run(
             ["git", "-C", pkg, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
         ).stdout.strip()
@@ -421,8 +437,8 @@ def describe_target(exe: Path) -> str:
     except (OSError, ValueError, subprocess.TimeoutExpired):
         return "unknown revision"
     if not rev:
-        return f"dwsps {version}"
-    return f"dwsps {version}, git {rev}" + (" + uncommitted changes" if dirty else "")
+        return f"dwsps {version}{kind}"
+    return f"dwsps {version}{kind}, git {rev}" + (" + uncommitted changes" if dirty else "")
 
 
 def starved(records: list[dict[str, Any]]) -> tuple[int, int]:
@@ -727,7 +743,8 @@ def main() -> int:
         metavar="NAME=PATH[:workers=N]",
         help="a dwsps executable to measure, repeatable, in this order; :workers=N runs it"
         " with --workers N "
-        f"(default dwsps={shown(str(VENV_BIN / 'dwsps'))})",
+        f"(default dwsps={shown(str(VENV_BIN / 'dwsps'))}, and mypyc="
+        f"{shown(str(COMPILED_BIN / 'dwsps'))} when make compiled has built it)",
     )
     parser.add_argument("--no-nats", action="store_true", help="skip the nats-server reference")
     parser.add_argument("--no-python-client", action="store_true", help="skip dwsps bench rows")
@@ -750,7 +767,7 @@ def main() -> int:
         return 0
 
     standard = args.target is None and args.cases == CASES and not args.no_nats
-    targets: list[Target] = args.target or [Target("dwsps", VENV_BIN / "dwsps")]
+    targets: list[Target] = args.target or default_targets()
     cases: list[Case] = args.cases
     nats = None if args.no_nats else Target(NATS, VENV_BIN / "nats-server")
     if nats is not None and not any(c.reference for c in cases):

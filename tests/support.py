@@ -7,6 +7,8 @@
 * :func:`eventually` polls state that has no push notification (another
   process's /health, Redis PUBSUB) within a deadline; everything that can be
   awaited is awaited instead.
+* :func:`compiled_refuses` is what a compiled class does with a value of the wrong type
+  (the pure build's own checks answer it otherwise).
 * :func:`unavailable` skips tests whose tool (node, chromium, redis-server) is missing, or
   fails them under ``make unit``/``make test`` (``DWSPS_REQUIRE_TOOLS=1``), so a machine
   without the tool cannot pass the suite by skipping.
@@ -22,6 +24,8 @@ from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
 import pytest
+
+from dwsps import build
 
 TIME_SCALE = float(os.environ.get("DWSPS_TEST_TIME_SCALE", "1"))
 """How much slower than a quiet developer machine this one is."""
@@ -81,6 +85,25 @@ async def eventually(
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+COMPILED = build.kind() != "pure"
+"""Whether this run tests the compiled build (make unit-compiled)."""
+
+
+def compiled_refuses(value: object, declared: type) -> bool:
+    """Check what the compiled build does with ``value`` passed where ``declared`` is
+    annotated; True when it is the compiled build's to answer (the test is done).
+
+    mypyc checks annotations at the call: a float for an ``int`` is a ``TypeError`` before
+    the class's own check runs, and a bool for an ``int`` passes as an int (as it does for
+    mypy), so there is nothing to refuse. The pure build leaves both to the class.
+    """
+    if not COMPILED or type(value) not in (bool, float) or declared is not int:
+        return False
+    if type(value) is bool:
+        pytest.skip("compiled build: a bool is an int to mypyc (as to mypy)")
+    return True
 
 
 def unavailable(reason: str) -> NoReturn:

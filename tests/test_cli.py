@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 import dwsps
-from dwsps import Client
+from dwsps import Client, build
 from dwsps.cli import main
 from dwsps.errors import InvalidTopicError, TooManySubscriptionsError
 from tests.conftest import ProcessFactory
@@ -66,7 +66,7 @@ def test_help_everywhere(command: list[str], capsys: pytest.CaptureFixture[str])
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--version"]) == 0
-    assert capsys.readouterr().out == f"dwsps {dwsps.__version__}\n"
+    assert capsys.readouterr().out == f"dwsps {dwsps.__version__} ({build.describe()})\n"
 
 
 def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:

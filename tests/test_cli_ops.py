@@ -77,7 +77,8 @@ async def test_serve_json_logs_listening_and_shutdown(serve_process: ProcessFact
         assert set(r) >= {"time", "level", "logger", "message"}
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", r["time"])
     messages = [(r["level"], r["logger"], r["message"]) for r in records]
-    listening = [m for m in messages if m[2].endswith(f"listening on {srv.url}")]
+    # "... listening on URL (pure Python)": the build is named too (dwsps.build)
+    listening = [m for m in messages if f"listening on {srv.url} (" in m[2]]
     assert listening == [("info", "dwsps.server", listening[0][2])]
     assert ("info", "dwsps.cli", "SIGTERM: shutting down, closing 0 connection(s)") in messages
     assert messages[-1][:2] == ("info", "dwsps.cli")

@@ -17,6 +17,7 @@ from dwsps.limits import (
 )
 
 # -- token bucket ------------------------------------------------------------------
+from tests.support import compiled_refuses
 
 
 def test_bucket_starts_full_and_refills_at_the_rate() -> None:
@@ -56,6 +57,10 @@ def test_exact_boundaries_with_awkward_rates_conform() -> None:
     ],
 )
 def test_bucket_rejects_bad_settings(rate: float, burst: int, fragment: str) -> None:
+    if compiled_refuses(burst, int):
+        with pytest.raises(TypeError, match="int object expected"):
+            TokenBucket(rate, burst)
+        return
     with pytest.raises(ValueError, match=fragment):
         TokenBucket(rate, burst)
 

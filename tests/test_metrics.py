@@ -8,6 +8,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from dwsps import Server
+from dwsps.build import kind
 from dwsps.errors import ErrorCode
 from dwsps.http import HttpRequest
 from dwsps.metrics import CONTENT_TYPE, Metrics, render
@@ -85,7 +86,7 @@ async def test_traffic_counters_and_errors_by_code(
     ]:
         assert value(m, name) == field, name
     assert value(m, "dwsps_requests_total") == 3 + 3 + 3 + 1  # subscribes, publishes, bad, sync
-    assert value(m, "dwsps_info", server_id=srv.server_id, version="0.1.0") == 1
+    assert value(m, "dwsps_info", server_id=srv.server_id, version="0.1.0", build=kind()) == 1
 
     await sub2.close()
     await eventually(lambda: len(srv.connections) == 2, "the close to be seen")

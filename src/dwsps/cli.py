@@ -33,7 +33,7 @@ from typing import Any, Final
 
 import orjson
 
-from dwsps import __version__, tokens
+from dwsps import __version__, build, tokens
 from dwsps import stat as stat_command
 from dwsps.bench import command as bench_command
 from dwsps.client import NO_RECONNECT_CODES, Client
@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dwsps", description="Distributed publish/subscribe over WebSockets."
     )
-    parser.add_argument("--version", action="version", version=f"dwsps {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"dwsps {__version__} ({build.describe()})"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = sub.add_parser(

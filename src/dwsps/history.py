@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 from dwsps.errors import HistoryConfigError, HistoryError, TopicError
 from dwsps.topics import DEFAULT_LIMITS, WILDCARD, TopicLimits, matches, validate
 
-PUBLICATION_OVERHEAD = 320
+PUBLICATION_OVERHEAD = 336
 """Bytes accounted per kept publication on top of ``len(topic) + len(message)``.
 
 Measured on 64-bit CPython 3.11 with ``sys.getsizeof``: the slotted

@@ -45,7 +45,7 @@ class TokenBucket:
     def __init__(self, rate: float, burst: int) -> None:
         _check_bucket(rate, burst, "rate", "burst")
         self.rate = float(rate)
-        self.burst = burst
+        self.burst = float(burst)  # float, so a full bucket's tokens stay a float
         self.tokens = float(burst)
         self.stamp = -math.inf
 

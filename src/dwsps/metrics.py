@@ -32,6 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from dwsps.build import kind as build_kind
 from dwsps.errors import ErrorCode
 from dwsps.history import HistoryStore
 from dwsps.http import HttpRequest, HttpResponse
@@ -50,6 +51,8 @@ def _version() -> str:
 
 VERSION: Final = _version()
 """The installed dwsps version (the ``version`` label of ``dwsps_info``)."""
+BUILD: Final = build_kind()
+"""``mypyc`` or ``pure`` (the ``build`` label of ``dwsps_info``)."""
 
 PEER_STATES: Final = ("connecting", "up", "down", "closed")
 """Every state a peer link can be in (``dwsps.links.peering.LinkState``)."""
@@ -299,9 +302,11 @@ class ServerCollector(Collector):
         """The server's metrics as they are now."""
         server = self.server
         info = GaugeMetricFamily(
-            "dwsps_info", "this server: its id and dwsps version", labels=["server_id", "version"]
+            "dwsps_info",
+            "this server: its id, dwsps version and build",
+            labels=["server_id", "version", "build"],
         )
-        info.add_metric([server.server_id, VERSION], 1)
+        info.add_metric([server.server_id, VERSION, BUILD], 1)
         yield info
         yield GaugeMetricFamily(
             "dwsps_connections", "open client connections", value=len(server.connections)

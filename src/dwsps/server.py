@@ -28,6 +28,7 @@ from picows import WSListener
 
 from dwsps.api import HttpApi
 from dwsps.auth import Authenticate, Authenticator, Identity, UpgradeRequest
+from dwsps.build import describe as describe_build
 from dwsps.config import ServerConfig
 from dwsps.connection import Connection, Writer
 from dwsps.errors import AuthError
@@ -243,7 +244,7 @@ class Server:
         except BaseException:
             await self.close()
             raise
-        log.info("dwsps server %s listening on %s", self.server_id, self.url)
+        log.info("dwsps server %s listening on %s (%s)", self.server_id, self.url, describe_build())
 
     async def _listen(self, loop: asyncio.AbstractEventLoop) -> asyncio.base_events.Server:
         config = self.config
