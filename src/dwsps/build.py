@@ -20,10 +20,11 @@ COMPILED: Final = (
     "dwsps.outbox",
     "dwsps.history",
     "dwsps.hub",
+    "dwsps.events",
 )
-"""The request path, in the order a publish meets it. Modules that subclass picows' or
-asyncio's protocol classes (connection, stream, listener) stay interpreted: mypyc cannot
-compile a subclass of another extension's type."""
+"""The request path, in the order a publish meets it, and the event emitter it asks. Modules
+that subclass picows' or asyncio's protocol classes (connection, stream, listener) stay
+interpreted: mypyc cannot compile a subclass of another extension's type."""
 
 
 def compiled_modules() -> list[str]:
