@@ -16,6 +16,7 @@ COMPILED: Final = (
     "dwsps.dedup",
     "dwsps.limits",
     "dwsps.router",
+    "dwsps.writer",
     "dwsps.interest",
     "dwsps.outbox",
     "dwsps.history",

@@ -11,11 +11,9 @@ itself.
 Every byte the server sends a client goes through :meth:`Connection.send`,
 control frames included (picows writes them through the connection's
 :class:`~dwsps.stream.Stream`): frames are queued and leave in one write per
-connection at the end of the loop turn (:class:`Writer`). The
-:class:`Writer` is the one scheduler all connections of a server share; it
-also queues the fan-out batches the router plans (``dwsps.router``), and
-closes the open batch before anything else is queued for one of its members,
-so each connection sees its frames in order.
+connection at the end of the loop turn, scheduled by the server's one
+:class:`~dwsps.writer.Writer`, which also queues the fan-out batches the
+router plans.
 
 The outbound bound holds at enqueue time, at no cost per delivery: the writer
 counts the bytes queued in the current loop turn (once per frame, whatever
@@ -52,8 +50,8 @@ from dwsps.auth import UNAUTHENTICATED, Identity
 from dwsps.errors import CloseCode
 from dwsps.limits import RequestLimiter
 from dwsps.permissions import PermissionChecker, checker_for
-from dwsps.router import Batch
 from dwsps.stream import Stream
+from dwsps.writer import Writer
 
 log = logging.getLogger("dwsps.server")
 
@@ -91,20 +89,6 @@ class ConnectionHost(Protocol):
         """A connection is being failed for breaking RFC 6455 framing (1002)."""
 
 
-class BatchPlanner(Protocol):
-    """The part of the router the write path needs: closing open fan-out batches."""
-
-    @property
-    def open_batch(self) -> Batch[Connection] | None:
-        """The batch being filled, if any (read only)."""
-
-    def release(self, member: Connection) -> Batch[Connection] | None:
-        """Close and return the open batch if ``member`` is in it."""
-
-    def close_batch(self) -> Batch[Connection] | None:
-        """Close and return the open batch."""
-
-
 @dataclass(frozen=True, slots=True)
 class ConnectionLimits:
     """Bounds every connection of a server enforces."""
@@ -115,101 +99,6 @@ class ConnectionLimits:
     """Unsent bytes past which a connection is closed as a slow consumer (1013)."""
     fragment_timeout: float = 10.0
     """Seconds a fragmented message may take from its first frame to its last (1008)."""
-
-
-class Writer:
-    """Schedules the writes of all connections: one write per connection per loop turn.
-
-    Connections with something queued are *dirty*; at the end of the loop turn
-    (``call_soon``) the open fan-out batch is closed and queued, then every
-    dirty connection flushes once. ``turn`` counts the bytes queued since
-    the last flush (each frame once); past ``flush_at`` whoever queues calls
-    :meth:`flush_now`.
-    """
-
-    __slots__ = (
-        "_dirty",
-        "_scheduled",
-        "budget",
-        "buffered",
-        "flush_at",
-        "loop",
-        "planner",
-        "turn",
-    )
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        planner: BatchPlanner,
-        *,
-        flush_at: int = 1024 * 1024,
-        budget: int = 0,
-    ) -> None:
-        self.loop = loop
-        self.planner = planner
-        self._dirty: list[Connection] = []
-        self._scheduled = False
-        self.turn = 0
-        """Bytes queued since the last flush."""
-        self.flush_at = flush_at
-        """``turn`` past which queuing flushes at once."""
-        self.buffered = 0
-        """Bytes the server holds for its connections: backlogs, the transport buffers of
-        connections that stopped reading, partial fragmented messages."""
-        self.budget = budget or 1 << 62
-        """``buffered`` past which the server refuses new work (0: no budget)."""
-
-    @property
-    def over_budget(self) -> bool:
-        """Whether the server holds more than its memory budget."""
-        return self.buffered > self.budget
-
-    def queue_batch(self, batch: Batch[Connection]) -> None:
-        """Queue a closed batch's frames, joined once, on each of its members."""
-        data = batch.data()
-        dirty = self._dirty
-        for conn in batch.members:
-            # Connection.send inlined, without the batch check: this is the batch.
-            pending = conn.pending
-            if pending is None:
-                if conn.closing:
-                    continue
-                conn.pending = [data]
-                dirty.append(conn)
-            else:
-                pending.append(data)
-
-    def mark_dirty(self, conn: Connection) -> None:
-        """``conn`` has data queued: flush it at the end of this loop turn."""
-        self._dirty.append(conn)
-        self.schedule()
-
-    def schedule(self) -> None:
-        """Make sure a flush runs at the end of this loop turn."""
-        if not self._scheduled:
-            self._scheduled = True
-            self.loop.call_soon(self._turn_ends)
-
-    def release(self, conn: Connection) -> None:
-        """Queue the open batch first if ``conn`` is in it (its frames come before)."""
-        batch = self.planner.release(conn)
-        if batch is not None:
-            self.queue_batch(batch)
-
-    def flush_now(self) -> None:
-        """Flush every dirty connection now (``turn`` passed ``flush_at``)."""
-        self.turn = 0
-        batch = self.planner.close_batch()
-        if batch is not None:
-            self.queue_batch(batch)
-        dirty, self._dirty = self._dirty, []
-        for conn in dirty:
-            conn.flush()
-
-    def _turn_ends(self) -> None:
-        self._scheduled = False
-        self.flush_now()
 
 
 class Connection(WSListener):
@@ -253,7 +142,7 @@ class Connection(WSListener):
     def __init__(
         self,
         host: ConnectionHost,
-        writer: Writer,
+        writer: Writer[Connection],
         limits: ConnectionLimits,
         client_id: str,
         is_peer: bool,

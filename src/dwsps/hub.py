@@ -40,7 +40,7 @@ import orjson
 
 from dwsps.auth import UNAUTHENTICATED, Authenticator, Identity
 from dwsps.config import ServerConfig
-from dwsps.connection import Connection, ConnectionLimits, Writer
+from dwsps.connection import Connection, ConnectionLimits
 from dwsps.errors import (
     AuthError,
     CloseCode,
@@ -81,6 +81,7 @@ from dwsps.messages import (
 from dwsps.permissions import UNRESTRICTED, checker_for
 from dwsps.router import Admission, Router
 from dwsps.topics import matches as topic_matches
+from dwsps.writer import Writer
 
 log = logging.getLogger("dwsps.server")
 
@@ -171,7 +172,7 @@ class Hub:
         )
         self._max_matches = config.max_deliveries_per_publish or 1 << 62
         self._topic_limits = config.topic_limits
-        self._writer: Writer | None = None
+        self._writer: Writer[Connection] | None = None
         self._now: Callable[[], float] = time.monotonic
         """The event loop's clock once attached (what rate limits and expiry timers count in)."""
         self._counter = 0
@@ -197,7 +198,7 @@ class Hub:
         """Server time, as the wire wants it."""
         return self._clock
 
-    def attach(self, writer: Writer, links: list[Link]) -> None:
+    def attach(self, writer: Writer[Connection], links: list[Link]) -> None:
         """Give the hub its write scheduler and its links (the server does this once).
 
         The history store is made here, after the server checked the

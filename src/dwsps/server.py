@@ -30,7 +30,7 @@ from dwsps.api import HttpApi
 from dwsps.auth import Authenticate, Authenticator, Identity, UpgradeRequest
 from dwsps.build import describe as describe_build
 from dwsps.config import ServerConfig
-from dwsps.connection import Connection, Writer
+from dwsps.connection import Connection
 from dwsps.errors import AuthError
 from dwsps.events import Events
 from dwsps.http import (
@@ -63,6 +63,7 @@ from dwsps.startup import (
 from dwsps.topics import validate
 from dwsps.web import routes as web_routes
 from dwsps.workers import Worker
+from dwsps.writer import Writer
 
 log = logging.getLogger("dwsps.server")
 _WS_LOG = logging.getLogger("picows.dwsps.ws")
