@@ -199,6 +199,34 @@ async def as_alice(request: UpgradeRequest) -> Identity:
     return Identity("alice", Permissions.EVERYTHING)
 
 
+async def cut_off_replay(
+    srv: Server, pub: RawClient, topic: str, count: int, attempts: int, within: float
+) -> str:
+    """Publish ``count`` 1 KB messages to ``topic`` (more than the kernel buffers take at
+    once), recover them all on a client that reads nothing, and let it go: its paged replay
+    is cut off. ``attempts`` is the server's recovery count once it has started; returns the
+    stalled connection's id."""
+    epoch = (await pub.publish(topic, "z" * 1000))["epoch"]
+    for _ in range(count - 1):
+        await pub.send_json({"type": "publish", "topic": topic, "message": "z" * 1000})
+    await pub.sync()
+    before = set(srv.connections)
+    stalled = await RawClient.connect(srv.url, rcvbuf=4096)
+    try:
+        stalled.pause_reading()
+        await stalled.send_json(
+            {"type": "subscribe", "topic": topic, "recover": {"epoch": epoch, "offset": 0}}
+        )
+        await eventually(
+            lambda: srv.stats.recoveries_attempted == attempts, "the paged recovery", within
+        )
+        (stalled_id,) = set(srv.connections) - before
+    finally:
+        await stalled.dispose()
+    await eventually(lambda: srv.stats.recoveries_cut_off == 1, "the replay to be cut off", within)
+    return stalled_id
+
+
 async def test_recovery_counters_and_event_after_known_traffic(
     make_server: ServerFactory, open_client: ClientFactory
 ) -> None:
@@ -223,22 +251,7 @@ async def test_recovery_counters_and_event_after_known_traffic(
     assert lost["recovered"] is False
     assert "replay" not in lost
     (sub_id,) = [cid for cid, c in srv.connections.items() if srv.hub.router.subscriptions(c)]
-    # A paged replay to a client that reads nothing, then goes: cut off.
-    for _ in range(8000):  # 8 MB: more than the kernel buffers take at once
-        await pub.send_json({"type": "publish", "topic": "big.s", "message": "z" * 1000})
-    await pub.sync()
-    before = set(srv.connections)
-    stalled = await RawClient.connect(srv.url, rcvbuf=4096)
-    try:
-        stalled.pause_reading()
-        await stalled.send_json(
-            {"type": "subscribe", "topic": "big.s", "recover": {"epoch": epoch, "offset": 0}}
-        )
-        await eventually(lambda: srv.stats.recoveries_attempted == 3, "the paged recovery")
-        (stalled_id,) = set(srv.connections) - before
-    finally:
-        await stalled.dispose()
-    await eventually(lambda: srv.stats.recoveries_cut_off == 1, "the replay to be cut off")
+    stalled_id = await cut_off_replay(srv, pub, "big.s", 8000, 3, scaled(10.0))
     cut = events[2]
     assert events[:2] == [
         ("chat.a", sub_id, "alice", True, 3),

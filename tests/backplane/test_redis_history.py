@@ -19,6 +19,7 @@ from tests.procs import ServerProcess
 from tests.support import eventually
 from tests.test_history_server import (
     as_alice,
+    cut_off_replay,
     metric_values,
     narrow_subscription_keeps_up,
     recovery_counts,
@@ -389,23 +390,8 @@ async def test_recovery_counters_event_and_replay_count_through_redis(
     assert lost["recovered"] is False
     (sub_id,) = [cid for cid, c in srv.connections.items() if srv.hub.router.subscriptions(c)]
     await eventually(lambda: srv.stats.recoveries_ok == 2, "both replays to finish")
-    # More than the kernel buffers take at once, paged by the engine reads: cut off.
-    big_epoch = (await pub.publish("chat.big", "z" * 1000))["epoch"]
-    for _ in range(5999):
-        await pub.send_json({"type": "publish", "topic": "chat.big", "message": "z" * 1000})
-    await pub.sync()
-    before = set(srv.connections)
-    stalled = await RawClient.connect(srv.url, rcvbuf=4096)
-    try:
-        stalled.pause_reading()
-        await stalled.send_json(
-            {"type": "subscribe", "topic": "chat.big", "recover": {"epoch": big_epoch, "offset": 0}}
-        )
-        await eventually(lambda: srv.stats.recoveries_attempted == 4, "the paged recovery", WAIT)
-        (stalled_id,) = set(srv.connections) - before
-    finally:
-        await stalled.dispose()
-    await eventually(lambda: srv.stats.recoveries_cut_off == 1, "the replay to be cut off", WAIT)
+    # Paged by the engine's reads this time.
+    stalled_id = await cut_off_replay(srv, pub, "chat.big", 6000, 4, WAIT)
     assert events[:3] == [
         ("chat.a", sub_id, "alice", True, 3),
         ("chat.n.typing", sub_id, "alice", True, 250),
