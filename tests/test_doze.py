@@ -143,35 +143,39 @@ async def test_shutdown_says_1001_to_dozing_connections(
     assert [await c.wait_closed() for c in clients] == [1001, 1001, 1001]
 
 
-async def test_a_partial_frame_keeps_picows(
-    make_server: ServerFactory, open_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+_PUBLISH = encode_frame(OP_TEXT, b'{"type":"publish","topic":"t","message":1,"id":7}')
+
+
+@pytest.mark.parametrize(
+    ("first", "rest", "why"),
+    [
+        (_PUBLISH[:9], _PUBLISH[9:], "picows holds part of a frame"),
+        (
+            encode_frame(OP_TEXT, b'{"type":"publish",', fin=False),
+            encode_frame(OP_CONT, b'"topic":"t","message":1,"id":7}'),
+            "a fragmented message is in progress",
+        ),
+    ],
+    ids=["partial frame", "unfinished fragmented message"],
+)
+async def test_unfinished_input_keeps_picows(
+    make_server: ServerFactory,
+    open_client: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    first: bytes,
+    rest: bytes,
+    why: str,
 ) -> None:
     srv = await make_server(idle_sweep=SWEEP, heartbeat_interval=0)
     sweeps = count_sweeps(monkeypatch)
     client, conn = await subscriber(srv, open_client, dozed=False)
-    frame = encode_frame(OP_TEXT, b'{"type":"publish","topic":"t","message":1,"id":7}')
-    await client.send_raw(frame[:9])
+    await client.send_raw(first)
     start = sweeps[0]
     await eventually(lambda: sweeps[0] >= start + 3, "three idle sweeps")
-    assert not asleep(conn), "picows holds part of a frame"
-    await client.send_raw(frame[9:])
+    assert not asleep(conn), why
+    await client.send_raw(rest)
     ack: Any = await client.next_message()
     assert (ack["type"], ack["id"]) == ("ack", 7)
-
-
-async def test_an_unfinished_fragmented_message_keeps_picows(
-    make_server: ServerFactory, open_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    srv = await make_server(idle_sweep=SWEEP, heartbeat_interval=0)
-    sweeps = count_sweeps(monkeypatch)
-    client, conn = await subscriber(srv, open_client, dozed=False)
-    await client.send_raw(encode_frame(OP_TEXT, b'{"type":"publish",', fin=False))
-    start = sweeps[0]
-    await eventually(lambda: sweeps[0] >= start + 3, "three idle sweeps")
-    assert not asleep(conn), "a fragmented message is in progress"
-    await client.send_raw(encode_frame(OP_CONT, b'"topic":"t","message":2,"id":8}'))
-    ack: Any = await client.next_message()
-    assert (ack["type"], ack["id"]) == ("ack", 8)
 
 
 async def test_a_pong_split_across_reads_wakes_picows_and_is_understood(
