@@ -1,4 +1,5 @@
-"""The optional compiled build: ``DWSPS_COMPILE=1 pip install .`` compiles the request path
+"""The optional compiled build: ``DWSPS_COMPILE=1 pip install --no-build-isolation .``
+(after ``pip install '.[dev]'``; ``make compiled`` does both) compiles the request path
 (parse, route, fan-out plan, encode) with mypyc; without it dwsps is pure Python.
 
 Everything else (metadata, dependencies) is in pyproject.toml. The compiled modules are the

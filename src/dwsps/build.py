@@ -1,7 +1,8 @@
 """Which build this is: pure Python, or with the request path compiled by mypyc.
 
-``DWSPS_COMPILE=1 pip install .`` compiles :data:`COMPILED` (setup.py reads the list from
-here, so this module imports nothing but the standard library).
+``DWSPS_COMPILE=1 pip install --no-build-isolation .`` (``make compiled``) compiles
+:data:`COMPILED`; setup.py reads the list from here, so this module imports nothing but the
+standard library.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def _version() -> str:
 VERSION: Final = _version()
 """The installed dwsps version (the ``version`` label of ``dwsps_info``)."""
 BUILD: Final = build_kind()
-"""``mypyc`` or ``pure`` (the ``build`` label of ``dwsps_info``)."""
+"""``mypyc``, ``pure`` or ``partial`` (the ``build`` label of ``dwsps_info``; dwsps.build)."""
 
 PEER_STATES: Final = ("connecting", "up", "down", "closed")
 """Every state a peer link can be in (``dwsps.links.peering.LinkState``)."""
